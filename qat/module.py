@@ -1,0 +1,204 @@
+"""The LightningModule: student (+ frozen teacher), losses, optimizer, schedule, metrics."""
+import logging
+import random
+from dataclasses import dataclass
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from qat.guards import NonFiniteError, find_non_finite
+from qat.optim import clip_gradients, cosine_schedule, param_groups
+from qat.quant import clamp_steps_, is_quant_param, quantizers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5.5e-4
+    epochs: int | None = None  # schedule length; None = trainer.max_epochs (set both to train part of one)
+    weight_decay: float = 0.06
+    betas: tuple = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_epochs: int = 10
+    warmup_lr: float = 1e-5
+    min_lr: float = 1e-5
+    cooldown_epochs: int = 10
+    quant_lr: float | None = None  # own lr for quantizer steps/offsets/learnable biases
+    clip_grad: float | None = None
+    clip_mode: str = "norm"
+    lr_scale_rule: str = "none"  # applied by qat.run before the module is built
+
+
+class LitClassifier(L.LightningModule):
+    """Trains `model` on labels or, with a teacher, on distillation targets.
+
+    Args:
+        model: the student (a qat model, possibly quantized).
+        optim: optimizer and schedule settings.
+        recipe: what `qat.load_model` needs to rebuild the student; stored in every checkpoint.
+        mixup: timm Mixup (mixes inputs, returns soft targets) or None.
+        mixup_off_epoch: epoch from which mixing stops (0 = never).
+        smoothing: label smoothing when mixup is off.
+        teacher: frozen teacher; kept out of the state_dict, the optimizer and DDP.
+        distill: a qat.distill.DistillLoss, required with a teacher or a label head.
+        calibration: callable returning a training batch (x, y) to initialise quantizer steps.
+        seed: base seed; each epoch reseeds from (seed, epoch, rank) so resumed runs match.
+    """
+
+    def __init__(self, model: nn.Module, optim: OptimConfig, recipe: dict, mixup=None, mixup_off_epoch: int = 0,
+                 smoothing: float = 0.0, teacher: nn.Module | None = None, distill: nn.Module | None = None,
+                 calibration=None, seed: int = 42):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.recipe = recipe
+        self.mixup = mixup
+        self.mixup_off_epoch = mixup_off_epoch
+        self.distill = distill
+        self.__dict__["teacher"] = teacher  # not a submodule: never saved, trained or DDP-wrapped
+        self.calibration = calibration
+        self.seed = seed
+        self.base_loss = SoftTargetCrossEntropy() if mixup is not None else (
+            LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
+        num_classes = recipe["num_classes"]
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.test_acc1 = self.val_acc1.clone()
+        self.test_acc5 = self.val_acc5.clone()
+
+    # ---- setup -------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        if self.teacher is not None:
+            self.teacher.to(self.device)
+            self.trainer.precision_plugin.convert_module(self.teacher)
+        pending = [n for n, q in quantizers(self.model) if not q.is_initialized]
+        if pending and self.calibration is not None:
+            x, _ = self.calibration()
+            was_training = self.model.training
+            with torch.no_grad():
+                self.model.train()(x.to(self.device))
+            self.model.train(was_training)
+            log.info("initialised %d quantizer steps from a calibration batch of %d images", len(pending), len(x))
+        if self.trainer.world_size > 1 and pending:
+            self._check_steps_match_across_ranks()
+
+    def _check_steps_match_across_ranks(self) -> None:
+        named = list(quantizers(self.model))
+        steps = torch.cat([q.step.detach().flatten() for _, q in named])
+        owner = [n for n, q in named for _ in range(q.step.numel())]
+        gathered = self.all_gather(steps)  # (world, n)
+        differ = (gathered != gathered[0]).any(0).nonzero()
+        if len(differ):
+            raise RuntimeError(f"quantizer steps differ across ranks after initialisation: {owner[differ[0].item()]}")
+        log.info("quantizer steps identical on all %d ranks after initialisation", self.trainer.world_size)
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if batch_idx == 0:  # model/mixup randomness of an epoch depends only on (seed, epoch, rank)
+            s = (self.seed * 100_003 + self.current_epoch * 1_009 + self.global_rank) % 2**31
+            random.seed(s)
+            np.random.seed(s)
+            torch.manual_seed(s)
+        if self.mixup is not None:
+            self.mixup.mixup_enabled = self.mixup_off_epoch == 0 or self.current_epoch < self.mixup_off_epoch
+
+    # ---- steps -------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int):
+        x, y = batch
+        targets = y
+        if self.mixup is not None:
+            x, targets = self.mixup(x, y)
+        loss, terms, logits = self._loss(x, targets)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(self._non_finite_report(loss, x))
+        for name, value in terms.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=True)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc1", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def _loss(self, x, targets):
+        if self.teacher is None and self.distill is None:
+            logits = self.model(x)
+            return self.base_loss(logits, targets), {}, logits
+        need_feats = self.distill.needs_features
+        label_logits = None
+        pooled, feats = self.model.forward_features(x)
+        logits = self.model.forward_head(pooled)
+        if self.distill.two_head_alpha is not None:
+            label_logits = self.model.forward_head(pooled, label=True)
+        t_logits, t_feats = None, None
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_out = self.teacher(x, return_features=need_feats)
+            t_logits, t_feats = t_out if need_feats else (t_out, None)
+            if self.global_step == 0 and not torch.isfinite(t_logits).all():
+                raise NonFiniteError("the teacher produced non-finite logits on the first batch: check kd.checkpoint")
+        loss, terms = self.distill(logits, t_logits, targets, self.base_loss, student_feats=feats if need_feats else None,
+                                   teacher_feats=t_feats, label_logits=label_logits)
+        return loss, terms, logits
+
+    def _non_finite_report(self, loss, x) -> str:
+        bad_steps = [n for n, q in quantizers(self.model) if not q.has_finite_params()]
+        first_bad = find_non_finite(self.model, x)
+        self._save_crash_checkpoint()
+        return (f"non-finite loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
+                f"quantizers with non-finite step/offset: {bad_steps or 'none'}; first layer with non-finite "
+                f"output: {first_bad or 'none (check the loss inputs)'}. Saved crash.ckpt in the checkpoint dir.")
+
+    def _save_crash_checkpoint(self) -> None:
+        ckpt_cb = getattr(self.trainer, "checkpoint_callback", None)
+        if ckpt_cb is None or ckpt_cb.dirpath is None:
+            return
+        state = {"state_dict": {f"model.{k}": v for k, v in self.model.state_dict().items()}, "qat": self.recipe,
+                 "global_step": self.global_step, "epoch": self.current_epoch}
+        self.trainer.strategy.checkpoint_io.save_checkpoint(state, f"{ckpt_cb.dirpath}/crash.ckpt")
+
+    def _eval_step(self, batch, stage: str, acc1, acc5):
+        x, y = batch
+        logits = self.model(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), on_epoch=True, sync_dist=True)
+        acc1.update(logits, y)
+        acc5.update(logits, y)
+        self.log(f"{stage}/acc1", acc1, on_epoch=True, prog_bar=True)
+        self.log(f"{stage}/acc5", acc5, on_epoch=True)
+
+    def validation_step(self, batch, batch_idx: int):
+        self._eval_step(batch, "val", self.val_acc1, self.val_acc5)
+
+    def test_step(self, batch, batch_idx: int):
+        self._eval_step(batch, "test", self.test_acc1, self.test_acc5)
+
+    # ---- optimisation ------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim
+        groups = param_groups(self.model, o.weight_decay, o.quant_lr, is_quant_param)
+        if self.distill is not None:
+            groups += [{"params": list(self.distill.parameters()), "weight_decay": 0.0, "name": "distill"}]
+            groups = [g for g in groups if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr, o.min_lr,
+                                    o.cooldown_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step(epoch=self.current_epoch + 1)  # timm: the lr of the epoch about to start
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if self.optim.clip_grad is not None:  # runs on unscaled gradients under AMP
+            clip_gradients(self.model, self.optim.clip_grad, self.optim.clip_mode)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        clamp_steps_(self.model)
+
+    def on_train_epoch_end(self) -> None:
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["qat"] = self.recipe

@@ -1,0 +1,92 @@
+"""Operations: exact resume, kill + resume=auto, 2-process DDP on CPU (gloo), offline W&B."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from qat.run import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+QUICK = ["experiment=quickstart", "data.per_class=8", "data.test_per_class=4", "data.batch_size=16",
+         "trainer.enable_progress_bar=false", "optim.warmup_epochs=1", "optim.cooldown_epochs=0"]
+
+
+def final_state(run_dir: Path) -> dict:
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+
+
+@pytest.mark.slow
+def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
+    common = [*QUICK, "quant=act2b", "data.aug.mixup=0.8", "data.aug.cutmix=1.0", "data.aug.reprob=0.25"]
+    train(make_cfg(*common, "trainer.max_epochs=2", tiny=False, run_name="straight"))
+    train(make_cfg(*common, "trainer.max_epochs=1", "optim.epochs=2", tiny=False, run_name="part"))
+    part = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    train(make_cfg(*common, "trainer.max_epochs=2", f"ckpt_path={part}", tiny=False, run_name="resumed"))
+    straight, resumed = final_state(tmp_path / "straight"), final_state(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+    assert any(k.endswith("act_quantizer.step") for k in straight)
+    acc = [json.loads((tmp_path / r / "summary.json").read_text())["final_val_acc"] for r in ("straight", "resumed")]
+    assert acc[0] == acc[1]
+
+
+def run_train(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_auto(tmp_path):
+    args = [*QUICK, "data.per_class=40", "trainer.max_epochs=3", f"hydra.run.dir={tmp_path}/run",
+            f"paths.output_root={tmp_path}", "resume=auto"]
+    proc = run_train(args)
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 300
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert last.exists(), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGKILL)  # during epoch 2
+    proc.wait()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    epoch_saved = torch.load(last, weights_only=False)["epoch"]
+    assert epoch_saved >= 0  # the checkpoint on disk is complete and loadable
+    out, _ = run_train(args).communicate(timeout=600)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["finished"] and summary["epochs_completed"] == 3, out[-3000:]
+    assert "continuing from" in (tmp_path / "run" / "train.log").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_quantized(tmp_path):
+    args = [*QUICK, "trainer=ddp_cpu", "quant=act2b", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/run",
+            f"paths.output_root={tmp_path}"]
+    out, _ = run_train(args).communicate(timeout=600)
+    summaries = list(tmp_path.rglob("summary.json"))
+    assert len(summaries) == 1, out[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "quantizer steps identical on all 2 ranks" in log, out[-3000:]
+    assert "global batch 16 = 2 device(s) x 8" in log
+
+
+def test_wandb_offline_writes_run_folder(make_cfg, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = make_cfg("logger=wandb")
+    try:
+        train(cfg)
+    finally:
+        import wandb
+        wandb.finish()
+    runs = list(Path(cfg.paths.output_dir).rglob("offline-run-*"))
+    assert runs, "no offline W&B run folder"
+    files = {p.name for p in runs[0].rglob("*")}
+    assert "config.yaml" in files and any(f.endswith(".wandb") for f in files)

@@ -1,0 +1,86 @@
+"""End to end: compose the real config, train a few batches on the bundled sample, check the run's files."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from qat import load_model
+from qat.quant import QuantLinear
+from qat.run import train
+
+FAMILIES = {
+    "vit": ["model=vit_2_4_32"],
+    "cct": ["model=cct_7_3x2_32", "model.name=cct_2_3x2_32"],
+    "resnet": ["model=resnet20"],
+    "timm": ["model=timm", "model.name=resnet10t"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fast_dev_run_every_family(make_cfg, family):
+    metrics = train(make_cfg(*FAMILIES[family], "quant=w2a2", "trainer.fast_dev_run=true"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+
+
+def test_run_writes_checkpoints_metrics_and_summary(make_cfg):
+    cfg = make_cfg("trainer.max_epochs=2")
+    train(cfg)
+    out = Path(cfg.paths.output_dir)
+    for name in ("checkpoints/best.ckpt", "checkpoints/last.ckpt", "metrics.csv", "summary.json"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs_completed"] == 2 and summary["finished"] is True
+    assert summary["model"] == "vit_2_4_32" and summary["quant"] is None and summary["kd"] == "none"
+    assert summary["output_dir"] == str(out) and "trainer.max_epochs=2" in summary["overrides"]
+    assert 0 <= summary["final_val_acc"] <= summary["best_val_acc"] <= 100
+    assert not list(out.rglob("*.tmp")), "atomic writes leave no temp files"
+    assert not load_model(out).training
+
+
+def test_quantized_checkpoint_weights_take_at_most_2_pow_bits_values(make_cfg):
+    cfg = make_cfg("quant=w2a2", "quant.weight.per_channel=true")
+    train(cfg)
+    model = load_model(Path(cfg.paths.output_dir))
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == 8  # 2 blocks x (qkv, proj, linear1, linear2)
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.weight_quantizer(layer.weight)
+            for row in w:
+                assert row.unique().numel() <= 3  # 2-bit signed symmetric: {-1, 0, 1} x step
+
+
+def test_kd_auto_teacher_is_picked_and_not_saved(make_cfg, tmp_path):
+    teacher_cfg = make_cfg(run_name="teacher")
+    train(teacher_cfg)
+    student_cfg = make_cfg("quant=act2b", "kd=vit_2_4_32", "kd.mse_alpha=2.0", run_name="student")
+    train(student_cfg)
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    assert summary["teacher"]["checkpoint"].startswith(str(tmp_path / "teacher"))
+    assert len(summary["teacher"]["sha256"]) == 64
+    student_ckpt = torch.load(tmp_path / "student/checkpoints/last.ckpt", weights_only=False)
+    assert not [k for k in student_ckpt["state_dict"] if k.startswith("teacher")]
+    plain = tmp_path / "teacher/checkpoints/last.ckpt"
+    assert (tmp_path / "student/checkpoints/last.ckpt").stat().st_size < 1.05 * plain.stat().st_size
+
+
+def test_missing_teacher_says_how_to_train_it(make_cfg):
+    with pytest.raises(FileNotFoundError, match="python train.py model=vit_2_4_32"):
+        train(make_cfg("kd=vit_2_4_32"))
+
+
+def test_unknown_model_lists_valid_names(make_cfg):
+    with pytest.raises(ValueError, match="vit_6_4_32"):
+        train(make_cfg("model.name=vit_6_4_33"))
+
+
+def test_mistyped_override_fails(make_cfg):
+    with pytest.raises(ConfigCompositionException):
+        make_cfg("optim.learning_rate=0.1")
+
+
+def test_missing_data_root_explains_layouts(make_cfg, tmp_path):
+    with pytest.raises((FileNotFoundError, ValueError), match="download"):
+        train(make_cfg("data=cifar10", f"data.root={tmp_path / 'nowhere'}"))
