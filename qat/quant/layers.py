@@ -1,0 +1,88 @@
+"""QuantLinear / QuantConv2d: y = layer(Q_a(x + input_bias), Q_w(W)) + b (reference §3.1)."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from qat.quant.quantizers import LSQQuantizer
+
+
+class QuantLayerMixin:
+    """Shared logic of the quant layers.
+
+    Children `weight_quantizer` and `act_quantizer` are LSQQuantizers or nn.Identity (then the layer
+    has exactly the float layer's state_dict keys); `input_bias` is an optional zero-init Parameter
+    added to the input before the activation quantizer.
+    """
+
+    float_cls: type[nn.Module]
+
+    def _setup_quant(self, weight_cfg, act_cfg, act_signed: bool, learnable_bias: bool, bias_shape: tuple) -> None:
+        device = self.weight.device
+        self.weight_quantizer = nn.Identity() if weight_cfg is None else LSQQuantizer.from_config(
+            weight_cfg, signed=True if weight_cfg.signed is None else weight_cfg.signed,
+            channels=self.weight.shape[0], ch_axis_ndim=self.weight.ndim).to(device)
+        self.act_quantizer = nn.Identity() if act_cfg is None else LSQQuantizer.from_config(
+            act_cfg, signed=act_signed).to(device)
+        self.register_parameter("input_bias", nn.Parameter(torch.zeros(bias_shape, device=device)) if learnable_bias
+                                else None)
+
+    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_bias is not None:
+            x = x + self.input_bias
+        return self.act_quantizer(x)
+
+    @classmethod
+    def from_float(cls, mod: nn.Module, weight_cfg=None, act_cfg=None, act_signed: bool = True,
+                   learnable_bias: bool = False):
+        """Wrap `mod`, sharing its weight and bias Parameter objects (no copy)."""
+        new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
+        new.weight, new.bias = mod.weight, mod.bias
+        new._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, new.input_bias_shape)
+        return new.train(mod.training)
+
+    def to_float(self) -> nn.Module:
+        """The plain layer with the same weight and bias Parameters (quantizers dropped)."""
+        if self.input_bias is not None:
+            raise ValueError("to_float() would drop the learnable input_bias and change the outputs; "
+                             "build the quantized model without quant.learnable_bias to convert it")
+        mod = self.float_cls(**self._float_args(self), bias=self.bias is not None, device="meta")
+        mod.weight, mod.bias = self.weight, self.bias
+        return mod.train(self.training)
+
+
+class QuantLinear(QuantLayerMixin, nn.Linear):
+    float_cls = nn.Linear
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_cfg=None, act_cfg=None,
+                 act_signed: bool = True, learnable_bias: bool = False, device=None, dtype=None):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.input_bias_shape = (in_features,)
+        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, self.input_bias_shape)
+
+    @staticmethod
+    def _float_args(mod: nn.Linear) -> dict:
+        return {"in_features": mod.in_features, "out_features": mod.out_features}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.quant_input(x), self.weight_quantizer(self.weight), self.bias)
+
+
+class QuantConv2d(QuantLayerMixin, nn.Conv2d):
+    float_cls = nn.Conv2d
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_cfg=None, act_cfg=None,
+                 act_signed: bool = True, learnable_bias: bool = False, device=None, dtype=None):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
+                         device=device, dtype=dtype)
+        self.input_bias_shape = (in_channels, 1, 1)
+        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, self.input_bias_shape)
+
+    @staticmethod
+    def _float_args(mod: nn.Conv2d) -> dict:
+        return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "kernel_size": mod.kernel_size,
+                "stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups,
+                "padding_mode": mod.padding_mode}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(self.quant_input(x), self.weight_quantizer(self.weight), self.bias)

@@ -1,0 +1,88 @@
+"""The bench scripts in their tiny --smoke mode, and the timing/memory helpers. No timing assertions."""
+import json
+import os
+
+import pytest
+import torch
+
+from bench import common, eval_speed, loader, quantizer_op, step_time
+
+
+def run(script, tmp_path, *extra: str, name: str | None = None) -> dict:
+    script.main(["--smoke", "--out", str(tmp_path), *extra])
+    name = name or script.__name__.split(".")[-1]
+    assert (tmp_path / f"{name}.md").read_text().startswith("Machine: ")
+    return json.loads((tmp_path / f"{name}.json").read_text())
+
+
+def test_step_time_smoke(tmp_path):
+    result = run(step_time, tmp_path)
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == list(step_time.CONFIGS) + [step_time.TEACHER]
+    assert rows["fp"]["ratio"]["all"] == [1.0]
+    assert rows["fp"]["memory"]["ratio"] == 1.0
+    assert [t["name"].split(": ")[1] for t in result["targets"]] == [
+        "w2a2 step / FP step", "act2b+attn step / FP step", "KD extra time / teacher no-grad forward",
+        "w2a2 peak memory / FP peak memory"]
+    assert result["machine"]["torch_threads"] == torch.get_num_threads()
+    assert len(result["machine"]["loadavg_after"]) == 3
+
+
+def test_step_time_rejects_unknown_config(tmp_path):
+    with pytest.raises(SystemExit):
+        step_time.main(["--smoke", "--out", str(tmp_path), "--configs", "fp,w3a3"])
+
+
+def test_quantizer_op_smoke(tmp_path):
+    result = run(quantizer_op, tmp_path)
+    assert [c["case"] for c in result["cases"]] == list(quantizer_op.SMOKE_CASES)
+    for case in result["cases"]:
+        assert list(case["variants"]) == ["torch", "ours", "reference"]
+        assert case["variants"]["ours"]["saved_bytes"] == 0  # the fused op keeps only its inputs
+        assert case["variants"]["reference"]["saved_bytes"] > 0
+        textbook = case["check"]["ours vs reference"]
+        assert textbook["y_max_abs"] == 0 and textbook["y_mismatches"] == 0
+        assert textbook["dx_max_abs"] <= 1e-6  # the textbook chain computes grad * s / s
+        assert case["check"]["ours vs torch"]["dx_max_abs"] == 0  # half-bin elements moved out
+        assert case["check"]["ours vs torch"]["dstep_max_rel"] < 1e-5
+
+
+def test_loader_smoke(tmp_path):
+    result = run(loader, tmp_path)
+    assert [r["aug"] for r in result["rows"]] == list(loader.AUGS)
+    assert all(r["loader_images_per_s"] > 0 for r in result["rows"])
+    assert result["mixup_ms_per_batch"] > 0
+
+
+def test_eval_speed_smoke(tmp_path):
+    result = run(eval_speed, tmp_path)
+    assert [r["config"] for r in result["rows"]] == eval_speed.EVAL_CONFIGS.split(",")
+    assert result["rows"][0]["ratio"]["all"] == [1.0, 1.0]  # 16 images, batch 8: two per-batch ratios
+
+
+def test_interleave_puts_the_base_around_every_variant(monkeypatch):
+    calls, clock = [], iter([2.0, 3.0, 4.0, 6.0, 1.0])
+    monkeypatch.setattr(common, "timed", lambda fn, device, repeat: (calls.append(fn()), next(clock))[1])
+    out = common.interleave({"base": lambda: "base", "a": lambda: "a", "b": lambda: "b"}, "base", rounds=1,
+                            device="cpu", warmup=0)
+    assert calls == ["base", "a", "base", "b", "base"]
+    assert out["base"]["times"] == [2.0, 4.0, 1.0]
+    assert out["a"]["ratios"] == [3.0 / 3.0] and out["b"]["ratios"] == [6.0 / 2.5]
+
+
+def test_peak_memory_sees_an_allocation():
+    nbytes = 64 * 2**20
+    peak = common.peak_memory(lambda: torch.ones(nbytes // 4).add_(1), "cpu")
+    assert peak["method"] == "rss_hwm"
+    assert peak["peak_bytes"] >= 0.95 * nbytes
+
+
+def test_isolated_runs_in_a_fresh_process():
+    assert common.isolated(os.getpid) != os.getpid()
+
+
+@pytest.mark.slow
+def test_compile_smoke(tmp_path):
+    rows = run(step_time, tmp_path, "--configs", "fp,w2a2", "--compile", name="step_time_compile")["rows"]
+    assert [r["config"] for r in rows] == ["fp", "w2a2", "fp+compile", "w2a2+compile"]
+    assert "ours+compile" in run(quantizer_op, tmp_path, "--compile")["cases"][0]["variants"]

@@ -1,0 +1,165 @@
+"""sweep.py: dependency order, skip/resume, bad input, collect; a slow end-to-end sweep with joblib."""
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # sweep.py lives at the repo root
+import sweep  # noqa: E402
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "sweep.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def levels_of(stdout: str) -> list[list[str]]:
+    return [line.split(": ", 1)[1].split() for line in stdout.splitlines() if line.startswith("# level")]
+
+
+def fake_run(root: Path, name: str, finished: bool = True, **fields) -> Path:
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    summary = {"name": name, "finished": finished, "output_dir": str(run_dir), "model": "vit_6_4_32",
+               "quant": None, "kd": "none", "overrides": [], **fields}
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def test_dry_run_of_the_whole_log_puts_teachers_first(tmp_path):
+    result = cli("run", "log/*", "--dry-run", "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    levels = levels_of(result.stdout)
+    level_of = {name: i for i, level in enumerate(levels) for name in level}
+    assert sorted(level_of) == [n for n in sweep.experiment_names() if n.startswith("log/")]
+    for name, i in level_of.items():
+        assert all(level_of[dep] < i for dep in sweep.dependencies(name)), name
+    assert level_of["log/18376"] < level_of["log/24269"] < level_of["log/28353"]
+    assert level_of["log/14289"] < level_of["log/24259"] < level_of["log/25863"]
+    commands = [line for line in result.stdout.splitlines() if not line.startswith("#")]
+    assert len(commands) == len(levels) == 3
+    sweep_dir = tmp_path.resolve() / "sweeps" / "full"
+    for command, level in zip(commands, levels):
+        assert f"experiment={','.join(level)}" in command
+        for part in ("train.py -m", "hydra/launcher=basic", "budget=full", f"hydra.sweep.dir={sweep_dir}",
+                     "'hydra.sweep.subdir=${name}'", f"paths.output_root={sweep_dir}", "resume=auto"):
+            assert part in command
+    assert not (tmp_path / "sweeps").exists(), "a dry run writes nothing"
+
+
+def test_launcher_budget_and_overrides_reach_the_command(tmp_path):
+    result = cli("run", "log/14289", "--dry-run", "--outputs", str(tmp_path), "--launcher", "joblib", "--jobs", "3",
+                 "--budget", "tiny", "trainer=gpu")
+    assert result.returncode == 0, result.stderr
+    command = result.stdout.splitlines()[-1]
+    for part in ("hydra/launcher=joblib", "hydra.launcher.n_jobs=3", "budget=tiny", "experiment=log/14289 trainer=gpu",
+                 f"{tmp_path.resolve()}/sweeps/tiny"):
+        assert part in command
+
+
+def test_finished_runs_are_skipped_and_unfinished_ones_resume(tmp_path):
+    sweep_dir = tmp_path / "sweeps" / "full"
+    fake_run(sweep_dir, "log/14289")
+    (fake_run(sweep_dir, "log/17462", finished=False) / "checkpoints").mkdir()
+    (sweep_dir / "log/17462/checkpoints/last.ckpt").write_bytes(b"")
+    result = cli("run", "log/14289", "log/17462", "log/17463", "--dry-run", "--outputs", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "# skip log/14289: finished" in result.stdout
+    assert f"# resume log/17462 from {sweep_dir.resolve()}/log/17462/checkpoints/last.ckpt" in result.stdout
+    assert levels_of(result.stdout) == [["log/17462", "log/17463"]]  # the teacher 14289 is done
+
+
+def test_nothing_to_run_when_everything_finished(tmp_path):
+    fake_run(tmp_path / "sweeps" / "full", "log/14289")
+    result = cli("run", "log/14289", "--outputs", str(tmp_path))
+    assert result.returncode == 0 and "nothing to run" in result.stdout
+
+
+def test_unknown_experiment_lists_close_matches(tmp_path):
+    with pytest.raises(ValueError, match=r"'log/2426' is not in conf/experiment; close matches: .*log/24269"):
+        sweep.main(["run", "log/2426", "--dry-run", "--outputs", str(tmp_path)])
+    result = cli("run", "24269", "--dry-run")
+    assert result.returncode == 1 and "close matches: log/24269" in result.stderr
+
+
+def test_missing_teacher_names_the_run_to_launch_first(tmp_path):
+    with pytest.raises(ValueError, match=r"log/28353 needs log/24269, .*python sweep.py run log/24269.*--with-deps"):
+        sweep.main(["run", "log/28353", "--dry-run", "--outputs", str(tmp_path)])
+    result = cli("run", "log/28353", "--with-deps", "--dry-run", "--outputs", str(tmp_path))
+    assert levels_of(result.stdout) == [["log/18376"], ["log/24269"], ["log/28353"]]
+    result = cli("run", "log/25863", "--with-deps", "--dry-run", "--outputs", str(tmp_path))
+    assert levels_of(result.stdout) == [["log/14289"], ["log/24259"], ["log/25863"]]
+
+
+def test_a_finished_teacher_satisfies_the_dependency(tmp_path):
+    fake_run(tmp_path / "sweeps" / "short", "log/24269")
+    result = cli("run", "log/28353", "--dry-run", "--budget", "short", "--outputs", str(tmp_path))
+    assert levels_of(result.stdout) == [["log/28353"]]
+    with pytest.raises(ValueError, match="needs log/24269"):  # each budget has its own runs
+        sweep.main(["run", "log/28353", "--dry-run", "--outputs", str(tmp_path)])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--launcher", "ray"], r"--launcher='ray' is not one of \['joblib', 'local', 'slurm'\]"),
+    (["--budget", "huge"], r"--budget='huge' is not one of \['full', 'short', 'tiny'\]"),
+    (["--jobs", "2"], r"--jobs=2 needs --launcher joblib"),
+])
+def test_bad_run_options(tmp_path, args, match):
+    with pytest.raises(ValueError, match=match):
+        sweep.main(["run", "log/14289", "--dry-run", "--outputs", str(tmp_path), *args])
+
+
+def test_collect_writes_the_logs_table(tmp_path):
+    fake_run(tmp_path, "log/14289", best_val_acc=92.5, final_val_acc=92.1, test_acc=92.5, epochs_completed=310,
+             expected_acc=93.03, description="vit-6-4-32 fp | Baseline setting")
+    fake_run(tmp_path, "log/51847", finished=False, best_val_acc=50.0, epochs_completed=12, expected_acc=None,
+             description="vit-6-4-32 | lr 0.00075, wd 0.05")
+    fake_run(tmp_path, "train", best_val_acc=80.0, description="", overrides=["quant=act2b", "kd=vit"])
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "summary.json").write_text("{")  # a run killed while writing: ignored
+    assert sweep.main(["collect", str(tmp_path)]) == 0
+
+    text = (tmp_path / "results.md").read_text()
+    log_part, other_part = text.split("## Other runs")
+    assert "| Network | Tricks | Accuracy | Run ID | Output Dir | Expected | Diff |" in log_part
+    assert "| vit-6-4-32 fp | Baseline setting | 92.50 | 14289 | log/14289 | 93.03 | -0.53 |" in log_part
+    assert "| vit-6-4-32 | lr 0.00075, wd 0.05 | 50.00 (epoch 12, unfinished) | 51847 | log/51847 |  |  |" in log_part
+    assert "| vit_6_4_32 | quant=act2b kd=vit | 80.00 | train | train |  |  |" in other_part
+
+    rows = list(csv.DictReader(open(tmp_path / "results.csv")))
+    assert [r["name"] for r in rows] == ["log/14289", "log/51847", "train"]
+    assert rows[0]["best_val_acc"] == "92.5" and rows[0]["test_acc"] == "92.5"
+    assert float(rows[0]["diff"]) == pytest.approx(-0.53) and rows[0]["finished"] == "True"
+
+
+def test_collect_to_another_dir_and_empty_dir(tmp_path):
+    fake_run(tmp_path / "runs", "log/14289", best_val_acc=93.0, expected_acc=93.03,
+             description="vit-6-4-32 fp | Baseline setting")
+    sweep.main(["collect", str(tmp_path / "runs"), "--out", str(tmp_path / "report")])
+    assert (tmp_path / "report" / "results.md").is_file() and (tmp_path / "report" / "results.csv").is_file()
+    with pytest.raises(ValueError, match="no summary.json below"):
+        sweep.main(["collect", str(tmp_path / "report")])
+
+
+@pytest.mark.slow
+def test_two_quick_experiments_in_parallel_then_collect_and_resume(tmp_path):
+    run = cli("run", "smoke/*", "--launcher", "joblib", "--jobs", "2", "--outputs", str(tmp_path))
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "full"
+    for name in ("smoke/act2b", "smoke/fp"):
+        summary = json.loads((sweep_dir / name / "summary.json").read_text())
+        assert summary["name"] == name and summary["finished"] is True
+        assert (sweep_dir / name / "checkpoints" / "last.ckpt").is_file()
+    assert "Joblib.Parallel(n_jobs=2" in run.stdout + run.stderr  # both jobs in one parallel pool
+    table = (sweep_dir / "results.md").read_text()
+    for row in (r"\| vit-2-4-32 aq \| act 2b, smoke test, 1 epoch of 2 batches \| \d+\.\d\d \| smoke/act2b \| "
+                r"smoke/act2b \|", r"\| vit-2-4-32 fp \| .* \| smoke/fp \| smoke/fp \|"):
+        assert re.search(row, table), table
+    again = cli("run", "smoke/*", "--launcher", "joblib", "--outputs", str(tmp_path))
+    assert "# skip smoke/act2b: finished" in again.stdout and "nothing to run" in again.stdout
