@@ -1,10 +1,12 @@
 """One training run from a composed Hydra config: build, fit, test, summarise."""
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +16,7 @@ from qat.checkpoint import init_from, resolve_checkpoint, resolve_reference
 from qat.data import build_mixup
 from qat.distill import DistillLoss, load_teacher, resolve_teacher_checkpoint, sha256_file
 from qat.module import LitClassifier, OptimConfig
-from qat.quant import QuantConfig, quantize_
+from qat.quant import QuantConfig, quantize_, quantizers
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,30 @@ def plain(node) -> dict | None:
     return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if k != "_target_"}
 
 
+def build(node, **kwargs):
+    """hydra.utils.instantiate, raising the target's own error (e.g. the list of valid model names) unwrapped."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        raise (e.__cause__ or e) from None
+
+
+@contextmanager
+def quantizers_bypassed(model: torch.nn.Module):
+    """Run `model` in eval mode with its quantizers off: shape checks before steps are initialised from data."""
+    qs = [q for _, q in quantizers(model)]
+    states, was_training = [q.enabled for q in qs], model.training
+    for q in qs:
+        q.enabled = False
+    try:
+        with torch.no_grad():
+            yield model.eval()
+    finally:
+        for q, enabled in zip(qs, states):
+            q.enabled = enabled
+        model.train(was_training)
+
+
 def hydra_facts() -> dict:
     if not HydraConfig.initialized():
         return {"overrides": [], "choices": {}}
@@ -34,7 +60,7 @@ def hydra_facts() -> dict:
 
 
 def build_student(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
-    model = instantiate(cfg.model)
+    model = build(cfg.model)
     quant = plain(cfg.quant)
     if quant is not None and not QuantConfig(**quant).is_fp:
         quantize_(model, QuantConfig(**quant))
@@ -60,30 +86,30 @@ def build_distillation(cfg: DictConfig, student: torch.nn.Module) -> tuple:
                                             cfg.paths.output_root, train_hint=hint)
     log.info("teacher: %s", info)
     teacher = load_teacher(teacher_cfg, str(path), quant=teacher_quant, num_classes=int(cfg.data.num_classes))
+    img = int(cfg.data.img_size)
     distill = DistillLoss(kind=kd.kind, temperature=kd.temperature, hard_weight=kd.hard_weight,
                           mse_alpha=kd.mse_alpha, mse_layers=kd.mse_layers, token_match=kd.token_match,
                           two_head_alpha=kd.two_head_alpha, project=kd.project,
-                          student_dim=feature_dim(student), teacher_dim=feature_dim(teacher))
-    check_distillation(student, teacher, distill, int(cfg.data.img_size))
+                          student_dim=feature_dim(student, img), teacher_dim=feature_dim(teacher, img))
+    check_distillation(student, teacher, distill, img)
     meta = {"teacher": {"model": teacher_cfg["name"], "quant": teacher_quant, "checkpoint": str(path),
                         "sha256": sha256_file(path)}}
     return teacher, distill, meta
 
 
-def feature_dim(model: torch.nn.Module) -> int:
-    with torch.no_grad():
-        _, feats = model.eval()(torch.zeros(1, 3, 32, 32), return_features=True)
+def feature_dim(model: torch.nn.Module, img_size: int) -> int:
+    with quantizers_bypassed(model):
+        _, feats = model(torch.zeros(1, 3, img_size, img_size), return_features=True)
     return feats[-1].shape[-1]
 
 
 def check_distillation(student, teacher, distill, img_size: int) -> None:
     """Dry-run the loss on a tiny batch so shape mismatches fail before training starts."""
     x = torch.zeros(2, 3, img_size, img_size)
-    with torch.no_grad():
-        s_logits, s_feats = student.eval()(x, return_features=True)
+    with quantizers_bypassed(student):
+        s_logits, s_feats = student(x, return_features=True)
         t_logits, t_feats = teacher(x, return_features=True)
         distill.check(s_logits, t_logits, s_feats, t_feats)
-    student.train()
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
@@ -105,7 +131,7 @@ def train(cfg: DictConfig) -> dict:
     """Build data, student, teacher, module and trainer from `cfg`; fit; test; return final metrics."""
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule = build(cfg.data, _convert_="all")
     model, recipe = build_student(cfg)
     init_info = init_from(model, resolve_reference(cfg.init_from, cfg.paths.output_root)) if cfg.init_from else None
     teacher, distill, kd_meta = build_distillation(cfg, model)
@@ -142,8 +168,9 @@ def train(cfg: DictConfig) -> dict:
                            mixup_off_epoch=cfg.data.aug.mixup_off_epoch, smoothing=cfg.data.aug.smoothing,
                            teacher=teacher, distill=distill, calibration=datamodule.calibration_batch,
                            seed=cfg.seed)
+    params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        logger.log_hyperparams(params)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
     if cfg.test_after_fit and not trainer.fast_dev_run and checkpointing.best_model_path:
         trainer.test(module, datamodule=datamodule, ckpt_path="best")

@@ -1,0 +1,5 @@
+from qat.data.datamodule import SAMPLE_ROOT, CIFARDataModule
+from qat.data.sample import make_sample
+from qat.data.transforms import build_mixup, eval_transform, train_transform
+
+__all__ = ["SAMPLE_ROOT", "CIFARDataModule", "build_mixup", "eval_transform", "make_sample", "train_transform"]
