@@ -1,10 +1,10 @@
 """Shared helpers of the bench scripts: machine facts, interleaved timing, peak memory, JSON/Markdown output.
 
-Timing rule of every script: the variants run round-robin in the same process, each round measures
-all of them, and results are medians over rounds; ratios are taken within a round, then the median.
+Timing rule of every script: the variants run round-robin in the same process with the baseline between
+any two of them; a variant's ratio is taken against the baseline measurements around it, per round, and
+tables show the median over rounds. Absolute times are context only: the machine may be shared.
 """
 import argparse
-import gc
 import json
 import os
 import platform
@@ -12,11 +12,10 @@ import re
 import statistics
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 
 import torch
+from torch._C._profiler import _ExtraFields_Allocation
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MB = 2**20
@@ -26,8 +25,9 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=doc)
     parser.add_argument("--smoke", action="store_true", help="tiny, fast run that only checks the script works")
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for <name>.json and <name>.md")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--name", default=None, help="output file stem (default: the script's name)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     return parser
 
 
@@ -50,14 +50,16 @@ def cpu_model() -> str:
     return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
-def machine_info(device: str) -> dict:
-    """What the numbers were measured on; loadavg shows whether others shared the machine."""
-    info = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "device": device,
-            "loadavg_before": loadavg()}
-    if device.startswith("cuda"):
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def start(args) -> dict:
+    """Apply --threads; the result skeleton: what the numbers were measured on and with which arguments."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+               "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
+               "loadavg_before": loadavg()}  # loadavg shows whether other jobs shared the machine
+    if args.device.startswith("cuda"):
+        machine["gpu"] = torch.cuda.get_device_name(args.device)
+    return {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
 
 
 def sync(device: str) -> None:
@@ -68,26 +70,28 @@ def sync(device: str) -> None:
 def timed(fn: Callable[[], object], device: str, repeat: int = 1) -> float:
     """Mean wall time of `repeat` calls of fn, in seconds (device work included)."""
     sync(device)
-    start = time.perf_counter()
+    begin = time.perf_counter()
     for _ in range(repeat):
         fn()
     sync(device)
-    return (time.perf_counter() - start) / repeat
+    return (time.perf_counter() - begin) / repeat
 
 
 def interleave(fns: dict[str, Callable[[], object]], base: str, rounds: int, device: str, repeat: int = 1,
-               warmup: int = 1) -> dict[str, dict]:
+               warmup: int = 1, budget_s: float | None = None) -> dict[str, dict]:
     """Time every fn round-robin with the baseline between any two others: base, a, base, b, base, ...
 
-    Returns {name: {"times": per-round seconds, "ratios": per-round time / base time}}, where a variant's
+    Returns {name: {"times": seconds per slot, "ratios": per-round time / base time}}, where a variant's
     base time is the mean of the two base measurements around it (so slow drifts of the machine cancel).
+    With `budget_s`, rounds stop early once another one would end after budget_s (at least one runs).
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     others = [name for name in fns if name != base]
     out = {name: {"times": [], "ratios": []} for name in fns}
-    for _ in range(rounds):
+    begin, done = time.perf_counter(), 0
+    while done < rounds and not (budget_s and done and (time.perf_counter() - begin) * (done + 1) / done > budget_s):
         before = timed(fns[base], device, repeat)
         out[base]["times"].append(before)
         for name in others:
@@ -97,7 +101,8 @@ def interleave(fns: dict[str, Callable[[], object]], base: str, rounds: int, dev
             out[name]["ratios"].append(t / ((before + after) / 2))
             out[base]["times"].append(after)
             before = after
-    out[base]["ratios"] = [1.0] * rounds
+        done += 1
+    out[base]["ratios"] = [1.0] * done
     return out
 
 
@@ -106,43 +111,42 @@ def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "all": list(values)}
 
 
-# ---- memory ---------------------------------------------------------------------------------------------
-def _proc_status_kb(key: str) -> int:
-    return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+def spread(s: dict, digits: int = 3) -> str:
+    """A summary as 'median [min-max]'."""
+    return f"{s['median']:.{digits}f} [{s['min']:.2f}-{s['max']:.2f}]"
 
 
 def peak_memory(fn: Callable[[], object], device: str) -> dict:
-    """Peak memory of fn() above the memory in use when it starts, in bytes.
+    """Peak bytes of tensor memory allocated by fn() and alive at the same time, above what existed before.
 
-    CUDA: torch.cuda.max_memory_allocated. CPU: the process' resident-set high-water mark (VmHWM), reset
-    first through /proc/self/clear_refs; run it in a fresh process (`isolated`) so freed-but-cached heap
-    of earlier work does not hide allocations.
+    CUDA: torch.cuda.max_memory_allocated. CPU: every allocation and free of PyTorch's CPU allocator is
+    recorded with torch.profiler(profile_memory=True) and the running sum's maximum taken. This is exact
+    for tensors and independent of what the process' heap caches (unlike RSS; tracemalloc does not see
+    torch's allocations at all). Tensors that existed before fn and are freed inside it (e.g. the previous
+    step's gradients on zero_grad) are not subtracted, so the figure is the gross working set of fn.
     """
-    gc.collect()
     if device.startswith("cuda"):
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)
-        start = torch.cuda.memory_allocated(device)
+        before = torch.cuda.memory_allocated(device)
         fn()
         sync(device)
-        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - start, "method": "cuda_max_allocated"}
-    start = _proc_status_kb("VmRSS")
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        method = "rss_hwm"
-    except OSError:
-        method = "rss_hwm_since_start"  # could not reset: the peak may predate fn
-    fn()
-    return {"peak_bytes": (_proc_status_kb("VmHWM") - start) * 1024, "method": method}
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device) - before, "method": "cuda_max_allocated"}
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        stack.extend(event.children)
+        if isinstance(event.extra_fields, _ExtraFields_Allocation) and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+    live = peak = 0
+    for _, size in sorted(events):
+        live += size
+        peak = max(peak, live)
+    return {"peak_bytes": peak, "method": "profiler_cpu_allocations"}
 
 
-def isolated(fn: Callable, *args):
-    """fn(*args) in a fresh spawned Python process (fn must be importable at module level)."""
-    with ProcessPoolExecutor(1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        return pool.submit(fn, *args).result()
-
-
-# ---- output ---------------------------------------------------------------------------------------------
 def fmt(value, digits: int = 2) -> str:
     if value is None:
         return "–"
@@ -163,19 +167,20 @@ def target(name: str, value: float | None, limit: float, higher_is_better: bool 
 
 
 def targets_table(targets: list[dict]) -> str:
-    return md_table(["target", "measured", "limit", "met"],
-                    [[t["name"], None if t["value"] is None else f"{t['value']:.3f}", t["limit"], t["met"]]
-                     for t in targets])
+    return "### Targets\n\n" + md_table(
+        ["target", "measured", "limit", "met"],
+        [[t["name"], None if t["value"] is None else f"{t['value']:.3f}", t["limit"], t["met"]] for t in targets])
 
 
-def write_results(out: Path, name: str, result: dict, markdown: str) -> None:
-    """Write <out>/<name>.json and <out>/<name>.md; loadavg after the run is added to the machine facts."""
-    result["machine"]["loadavg_after"] = loadavg()
+def write_results(args, result: dict, markdown: str, default_name: str) -> None:
+    """Write <out>/<name>.json and <out>/<name>.md; the loadavg after the run joins the machine facts."""
     m = result["machine"]
+    m["loadavg_after"] = loadavg()
     head = (f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), device {m['device']}"
             f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}; "
             f"loadavg before {m['loadavg_before']}, after {m['loadavg_after']}.")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{name}.md").write_text(f"{head}\n\n{markdown}\n")
-    print(f"{head}\n\n{markdown}\n\nwrote {out / name}.json and .md")
+    name = args.name or default_name
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{name}.md").write_text(f"{head}\n\n{markdown}\n")
+    print(f"{head}\n\n{markdown}\n\nwrote {args.out / name}.json and .md")

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-from bench.common import (MB, base_parser, interleave, isolated, machine_info, md_table, peak_memory, summary,
-                          target, targets_table, write_results)
+from bench.common import (MB, base_parser, interleave, md_table, peak_memory, spread, start, summary, target,
+                          targets_table, write_results)
 from qat.quant import lsq_fake_quant, lsq_reference
 
 # name: (shape, bits, per_channel); weights are (out, in) like a Linear
@@ -38,15 +38,18 @@ def make_inputs(shape, bits: int, per_channel: bool, device: str, seed: int = 0)
             "per_channel": per_channel, "grad_factor": 1.0 / math.sqrt(qmax * x.numel())}
 
 
+def broadcast_step(a: dict) -> torch.Tensor:
+    """The step as our quantizers hold it: (1,) per tensor, (C, 1, ..., 1) per channel."""
+    return a["step"].view(-1, *[1] * (a["x"].ndim - 1)) if a["per_channel"] else a["step"]
+
+
 def variants(compile_too: bool) -> dict:
     """name -> f(inputs) returning the fake-quantized tensor."""
     def ours(a):
-        step = a["step"].view(-1, *[1] * (a["x"].ndim - 1)) if a["per_channel"] else a["step"]
-        return lsq_fake_quant(a["x"], step, a["qmin"], a["qmax"])
+        return lsq_fake_quant(a["x"], broadcast_step(a), a["qmin"], a["qmax"])
 
     def reference(a):
-        step = a["step"].view(-1, *[1] * (a["x"].ndim - 1)) if a["per_channel"] else a["step"]
-        return lsq_reference(a["x"], step, a["qmin"], a["qmax"])
+        return lsq_reference(a["x"], broadcast_step(a), a["qmin"], a["qmax"])
 
     def torch_op(a):
         if a["per_channel"]:
@@ -83,18 +86,10 @@ def saved_bytes(fn, a: dict) -> int:
     return sum(storages.values())
 
 
-def op_memory(case: str, name: str, device: str, compile_too: bool, smoke: bool) -> dict:
-    """Peak memory of one fwd+bwd (output, saved tensors, gradients, temporaries) above the inputs."""
-    a = make_inputs(*(SMOKE_CASES if smoke else CASES)[case], device)
-    run = fwd_bwd(variants(compile_too)[name], a)
-    run()  # compiles / warms up; its allocations are freed again
-    return peak_memory(run, device)
-
-
 def compare(fns: dict, case, device: str) -> dict:
     """Max |difference| to torch's op (values) and to the textbook LSQ (values and gradients)."""
     a = make_inputs(*case, device)
-    step = a["step"].view(-1, *[1] * (a["x"].ndim - 1)) if a["per_channel"] else a["step"]
+    step = broadcast_step(a).detach()
     v = (a["x"] / step).detach()
     half_bins = ((v > a["qmax"]) & (v < a["qmax"] + 0.5)) | ((v < a["qmin"]) & (v > a["qmin"] - 0.5))
     out = {"half_bin_fraction": half_bins.float().mean().item()}
@@ -122,21 +117,18 @@ def compare(fns: dict, case, device: str) -> dict:
 def measure(args, case_name: str, case) -> dict:
     a = make_inputs(*case, args.device)
     fns = variants(args.compile)
-    timings = interleave({n: fwd_bwd(f, a) for n, f in fns.items()}, BASE, args.rounds, args.device,
-                         repeat=args.iters, warmup=args.warmup)
+    runs = {n: fwd_bwd(f, a) for n, f in fns.items()}
+    timings = interleave(runs, BASE, args.rounds, args.device, repeat=args.iters, warmup=args.warmup)
     result = {"case": case_name, "shape": list(case[0]), "bits": case[1], "per_channel": case[2],
               "check": compare(fns, case, args.device), "variants": {}}
-    ref_times = timings["reference"]["times"]
+    ref = timings["reference"]["ratios"]
     for name, t in timings.items():
         row = {"time_s": summary(t["times"]), "ratio_to_torch": summary(t["ratios"]),
-               "ratio_to_reference": summary([x / r for x, r in zip(t["times"], ref_times)]),
-               "saved_bytes": saved_bytes(fns[name], a)}
-        if args.memory != "off":
-            run = isolated if args.memory == "isolated" else (lambda fn, *a: fn(*a))
-            row["memory"] = run(op_memory, case_name, name, args.device, args.compile, args.smoke)
+               "ratio_to_reference": summary([r / q for r, q in zip(t["ratios"], ref)]),
+               "saved_bytes": saved_bytes(fns[name], a), "memory": peak_memory(runs[name], args.device)}
         result["variants"][name] = row
-        print(f"{case_name} {name}: {row['time_s']['median'] * 1e3:.2f} ms, / torch "
-              f"{row['ratio_to_torch']['median']:.3f}", flush=True)
+        print(f"{case_name} {name}: {row['time_s']['median'] * 1e3:.2f} ms, / torch {spread(row['ratio_to_torch'])}",
+              flush=True)
     return result
 
 
@@ -145,11 +137,8 @@ def markdown(results: list[dict], targets: list[dict], args) -> str:
              "per-round ratios [min-max]; saved = bytes kept for backward beyond the inputs; peak = peak "
              "memory of one fwd+bwd above the inputs."]
     for res in results:
-        rows = [[name, v["time_s"]["median"] * 1e3,
-                 f"{v['ratio_to_torch']['median']:.3f} [{v['ratio_to_torch']['min']:.2f}-{v['ratio_to_torch']['max']:.2f}]",
-                 v["ratio_to_reference"]["median"], v["saved_bytes"] / MB,
-                 v["memory"]["peak_bytes"] / MB if "memory" in v else None]
-                for name, v in res["variants"].items()]
+        rows = [[name, v["time_s"]["median"] * 1e3, spread(v["ratio_to_torch"]), v["ratio_to_reference"]["median"],
+                 v["saved_bytes"] / MB, v["memory"]["peak_bytes"] / MB] for name, v in res["variants"].items()]
         checks = [[k, v["y_max_abs"], v["y_mismatches"], v["dx_max_abs"], f"{v['dstep_max_rel']:.1e}"]
                   for k, v in res["check"].items() if isinstance(v, dict)]
         parts.append(f"### {res['case']} ({res['bits']} bit)\n\n" + md_table(
@@ -157,7 +146,7 @@ def markdown(results: list[dict], targets: list[dict], args) -> str:
             + f"\n\nValues (elements in the half-bins outside the range, where the gradient definitions differ: "
             f"{res['check']['half_bin_fraction']:.1%} of the raw tensor; compared after moving them out):\n\n"
             + md_table(["pair", "max abs dy", "dy mismatches", "max abs dx", "max rel dstep"], checks))
-    parts.append("### Targets\n\n" + targets_table(targets))
+    parts.append(targets_table(targets))
     return "\n\n".join(parts)
 
 
@@ -167,24 +156,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=5, help="fwd+bwd calls per timed slot")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--memory", choices=("isolated", "inline", "off"), default="isolated")
     args = parser.parse_args(argv)
     cases = CASES
     if args.smoke:
         cases, args.rounds, args.iters, args.warmup = SMOKE_CASES, 2, 1, 1
-        args.memory = "inline" if args.memory == "isolated" else args.memory
-    result = {"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()}}
+    result = start(args)
     results = [measure(args, name, case) for name, case in cases.items()]
-    main_case = results[0]["variants"]
-    mem = {n: main_case[n].get("memory", {}).get("peak_bytes") for n in ("ours", "reference")}
+    first, main_case = results[0]["case"], results[0]["variants"]
+    ours, ref = main_case["ours"], main_case["reference"]
     result["targets"] = [
-        target(f"{results[0]['case']}: ours / torch fwd+bwd time", main_case["ours"]["ratio_to_torch"]["median"], 1.0),
-        target(f"{results[0]['case']}: ours / textbook saved-for-backward bytes",
-               main_case["ours"]["saved_bytes"] / max(main_case["reference"]["saved_bytes"], 1), 1.0),
-        target(f"{results[0]['case']}: ours / textbook peak memory",
-               mem["ours"] / mem["reference"] if mem["ours"] is not None and mem["reference"] else None, 1.0)]
+        target(f"{first}: ours / torch fwd+bwd time", ours["ratio_to_torch"]["median"], 1.0),
+        target(f"{first}: ours / textbook saved-for-backward bytes", ours["saved_bytes"] / ref["saved_bytes"], 1.0),
+        target(f"{first}: ours / textbook peak memory",
+               ours["memory"]["peak_bytes"] / ref["memory"]["peak_bytes"], 1.0)]
     result["cases"] = results
-    write_results(args.out, args.name or "quantizer_op", result, markdown(results, result["targets"], args))
+    write_results(args, result, markdown(results, result["targets"], args), "quantizer_op")
 
 
 if __name__ == "__main__":

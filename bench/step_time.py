@@ -1,21 +1,24 @@
 """Training-step time, images/s and peak memory of QAT/KD configs as ratios to the FP step.
 
-    python -m bench.step_time                       # vit_6_4_32 and cct_7_3x1_32, batch 128 and 32
-    python -m bench.step_time --configs fp,act2b,w2a2 --compile --name step_time_compile
+    python -m bench.step_time                                   # vit_6_4_32, batch 128 and 32
+    python -m bench.step_time --models cct_7_3x1_32 --name step_time_cct
+    python -m bench.step_time --configs fp,act2b,w2a2,act2b_attn --compile --name step_time_compile
 
-A step is what qat.module.LitClassifier does: AdamW zero_grad(set_to_none) -> student forward (features
-with MSE) -> teacher forward under no_grad in eval mode -> loss (soft-target CE vs teacher, else CE vs
-labels) -> backward -> optimizer step -> clamp_steps_. Quantizers are initialised by one forward first.
+A step is what training runs, built from the library: qat.module.LitClassifier.training_step (student
+forward; with KD the teacher forward under no_grad in eval mode and qat.distill.DistillLoss, features and
+embedding MSE included) -> backward -> the AdamW of LitClassifier.configure_optimizers -> clamp_steps_.
+Quantizer steps are initialised by one train-mode forward first, as the calibration batch does.
 """
-import torch
-import torch.nn.functional as F
+import warnings
 
-from bench.common import (base_parser, csv, interleave, isolated, machine_info, md_table, peak_memory, summary,
-                          target, targets_table, write_results)
+import torch
+
+from bench.common import (base_parser, csv, interleave, md_table, peak_memory, spread, start, summary, target,
+                          targets_table, write_results)
 from qat.distill import DistillLoss
 from qat.models import create_model
-from qat.optim import param_groups
-from qat.quant import QuantConfig, clamp_steps_, is_quant_param, quantize_
+from qat.module import LitClassifier, OptimConfig
+from qat.quant import QuantConfig, clamp_steps_, quantize_
 
 A2 = {"bits": 2}
 CONFIGS = {  # name: (QuantConfig kwargs or None, KD on, embedding-MSE alpha)
@@ -29,39 +32,44 @@ CONFIGS = {  # name: (QuantConfig kwargs or None, KD on, embedding-MSE alpha)
 }
 TEACHER = "teacher_fwd"  # standalone no-grad forward of the KD teacher, timed like a config
 COMPILED = "+compile"
+warnings.filterwarnings("ignore", message=".*self.log.*")  # LitClassifier.training_step without a Trainer
+
+
+def check_configs(parser, configs: list[str]) -> None:
+    unknown = sorted(set(configs) - set(CONFIGS))
+    if unknown or "fp" not in configs:
+        parser.error(f"--configs {','.join(unknown or configs)}: use names from {list(CONFIGS)}, 'fp' included")
+
+
+def quantized_model(model_name: str, config: str, calib: torch.Tensor) -> torch.nn.Module:
+    """`model_name` quantized as `config`, quantizer steps initialised by a train-mode forward on `calib`."""
+    model = create_model(model_name).to(calib.device)
+    quant = CONFIGS[config.removesuffix(COMPILED)][0]
+    if quant is not None:
+        quantize_(model, QuantConfig(**quant))
+        with torch.no_grad():
+            model.train()(calib)
+    return model.train()
 
 
 def build_step(model_name: str, config: str, batch: int, device: str, seed: int = 0):
-    """A training step of `config` (a CONFIGS name, optionally + '+compile') on a fixed random batch or step((x, y))."""
-    quant, kd, mse_alpha = CONFIGS[config.removesuffix(COMPILED)]
+    """A training step of `config` (a CONFIGS name, optionally + '+compile'): step() on a fixed random batch,
+    step((x, y)) on a given one."""
     torch.manual_seed(seed)
-    model = create_model(model_name).to(device).train()
-    if quant is not None:
-        quantize_(model, QuantConfig(**quant))
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
-    with torch.no_grad():
-        model(x)  # initialises the quantizer steps
-    teacher = distill = None
-    if kd:
-        teacher = create_model(model_name).to(device).eval().requires_grad_(False)
-        distill = DistillLoss(mse_alpha=mse_alpha)
-    student = torch.compile(model) if config.endswith(COMPILED) else model
-    opt = torch.optim.AdamW(param_groups(model, 0.06, None, is_quant_param), lr=5.5e-4)
+    model = quantized_model(model_name, config, x)
+    _, kd, mse_alpha = CONFIGS[config.removesuffix(COMPILED)]
+    teacher = create_model(model_name).to(device).eval().requires_grad_(False) if kd else None
+    lit = LitClassifier(model, OptimConfig(epochs=1), {"num_classes": 10}, teacher=teacher,
+                        distill=DistillLoss(mse_alpha=mse_alpha) if kd else None).to(device)
+    opt = lit.configure_optimizers()["optimizer"]
+    if config.endswith(COMPILED):
+        lit.model = torch.compile(model)
 
-    def step(batch=None):
-        xb, yb = (x, y) if batch is None else batch
+    def step(data=None):
         opt.zero_grad(set_to_none=True)
-        if teacher is None:
-            loss = F.cross_entropy(student(xb), yb)
-        else:
-            feats = distill.needs_features
-            out = student(xb, return_features=feats)
-            with torch.no_grad():
-                t_out = teacher(xb, return_features=feats)
-            (logits, s_feats), (t_logits, t_feats) = (out, t_out) if feats else ((out, None), (t_out, None))
-            loss, _ = distill(logits, t_logits, yb, F.cross_entropy, student_feats=s_feats, teacher_feats=t_feats)
-        loss.backward()
+        lit.training_step((x, y) if data is None else data, 0).backward()
         opt.step()
         clamp_steps_(model)
     return step
@@ -72,106 +80,91 @@ def teacher_forward(model_name: str, batch: int, device: str):
     teacher = create_model(model_name).to(device).eval().requires_grad_(False)
     x = torch.randn(batch, 3, 32, 32, device=device)
 
+    @torch.no_grad()
     def forward():
-        with torch.no_grad():
-            teacher(x)
+        teacher(x)
     return forward
 
 
-def step_memory(model_name: str, config: str, batch: int, device: str, steps: int) -> dict:
-    """Peak memory of `steps` training steps above the memory in use before the first one."""
-    step = build_step(model_name, config, batch, device)
-    return peak_memory(lambda: [step() for _ in range(steps)], device)
-
-
 def measure(args, model_name: str, batch: int) -> list[dict]:
-    fns = {c: build_step(model_name, c, batch, args.device) for c in args.configs}
+    steps = {c: build_step(model_name, c, batch, args.device) for c in args.configs}
+    memory = {c: peak_memory(step, args.device) for c, step in steps.items()} if args.memory else {}
     if any(CONFIGS[c.removesuffix(COMPILED)][1] for c in args.configs):
-        fns[TEACHER] = teacher_forward(model_name, batch, args.device)
-    timings = interleave(fns, "fp", args.rounds, args.device, repeat=args.steps, warmup=args.warmup)
+        steps[TEACHER] = teacher_forward(model_name, batch, args.device)
+    timings = interleave(steps, "fp", args.rounds, args.device, repeat=args.steps, warmup=0 if memory else 1,
+                         budget_s=args.budget * 60)
     rows = []
     for config, t in timings.items():
         row = {"model": model_name, "batch": batch, "config": config, "time_s": summary(t["times"]),
-               "ratio": summary(t["ratios"])}
+               "ratio": summary(t["ratios"]), "rounds": len(t["ratios"])}
         row["images_per_s"] = batch / row["time_s"]["median"]
-        if config != TEACHER and args.memory != "off":
-            run = isolated if args.memory == "isolated" else (lambda fn, *a: fn(*a))
-            row["memory"] = run(step_memory, model_name, config, batch, args.device, args.steps)
+        if config in memory:
+            row["memory"] = memory[config] | {"ratio": memory[config]["peak_bytes"] / memory["fp"]["peak_bytes"]}
         rows.append(row)
-        print(f"{model_name} b{batch} {config}: {row['time_s']['median'] * 1e3:.1f} ms, ratio "
-              f"{row['ratio']['median']:.3f}", flush=True)
-    fp_mem = rows[0].get("memory", {}).get("peak_bytes")
-    for row in rows:
-        if fp_mem and "memory" in row:
-            row["memory"]["ratio"] = row["memory"]["peak_bytes"] / fp_mem
+        print(f"{model_name} b{batch} {config}: {row['time_s']['median'] * 1e3:.1f} ms, ratio {spread(row['ratio'])}",
+              flush=True)
     return rows
 
 
-def kd_extra(rows: list[dict], model_name: str, batch: int, kd: str = "act2b_kd", base: str = "act2b"):
+def kd_extra(rows: list[dict], kd: str = "act2b_kd", base: str = "act2b") -> float | None:
     """(KD step - no-KD step) / teacher forward, per round from the times relative to the adjacent FP steps."""
-    by = {r["config"]: r["ratio"]["all"] for r in rows if r["model"] == model_name and r["batch"] == batch}
+    by = {r["config"]: r["ratio"]["all"] for r in rows}
     if not {kd, base, TEACHER} <= set(by):
         return None
     return summary([(k - b) / t for k, b, t in zip(by[kd], by[base], by[TEACHER])])["median"]
 
 
-def check_targets(rows: list[dict], model_name: str, batch: int) -> list[dict]:
-    at = {r["config"]: r for r in rows if r["model"] == model_name and r["batch"] == batch}
+def check_targets(rows: list[dict]) -> list[dict]:
+    at = {r["config"]: r for r in rows}
+    where = f"{rows[0]['model']} b{rows[0]['batch']}"
 
     def ratio(config):
         return at[config]["ratio"]["median"] if config in at else None
-    w2a2_mem = at.get("w2a2", {}).get("memory", {}).get("ratio")
-    where = f"{model_name} b{batch}"
     return [target(f"{where}: w2a2 step / FP step", ratio("w2a2"), 1.15),
             target(f"{where}: act2b+attn step / FP step", ratio("act2b_attn"), 1.30),
-            target(f"{where}: KD extra time / teacher no-grad forward", kd_extra(rows, model_name, batch), 1.1),
-            target(f"{where}: w2a2 peak memory / FP peak memory", w2a2_mem, 1.25)]
+            target(f"{where}: KD extra time / teacher no-grad forward", kd_extra(rows), 1.1),
+            target(f"{where}: w2a2 peak memory / FP peak memory", at.get("w2a2", {}).get("memory", {}).get("ratio"),
+                   1.25)]
 
 
 def markdown(rows: list[dict], targets: list[dict], args) -> str:
-    parts = [f"Step = fwd+bwd+AdamW, {args.steps} steps per slot, {args.rounds} interleaved rounds; "
-             "ratio = median of per-round ratios to the FP step of the same round [min-max]."]
+    parts = [f"Step = LitClassifier.training_step + backward + AdamW step, {args.steps} step(s) per slot, FP step "
+             f"between any two configs, up to {args.rounds} rounds (see `rounds`); time / FP = median over rounds "
+             "of the time relative to the adjacent FP steps [min-max]. Peak MB: tensor memory of one step "
+             "(activations, gradients, optimizer state, temporaries; profiler allocation trace)."]
     for model_name in args.models:
         for batch in args.batches:
-            table = []
-            for r in (r for r in rows if r["model"] == model_name and r["batch"] == batch):
-                mem = r.get("memory", {})
-                table.append([r["config"], f"{r['ratio']['median']:.3f} [{r['ratio']['min']:.2f}-{r['ratio']['max']:.2f}]",
-                              r["time_s"]["median"] * 1e3, r["images_per_s"],
-                              mem.get("peak_bytes", 0) / 2**20 if mem else None, mem.get("ratio")])
+            table = [[r["config"], spread(r["ratio"]), r["rounds"], r["time_s"]["median"] * 1e3, r["images_per_s"],
+                      r["memory"]["peak_bytes"] / 2**20 if "memory" in r else None, r.get("memory", {}).get("ratio")]
+                     for r in rows if r["model"] == model_name and r["batch"] == batch]
             parts.append(f"### {model_name}, batch {batch}\n\n" + md_table(
-                ["config", "time / FP", "ms", "img/s", "peak MB", "mem / FP"], table))
-    parts.append("### Targets\n\n" + targets_table(targets))
+                ["config", "time / FP", "rounds", "ms", "img/s", "peak MB", "mem / FP"], table))
+    parts.append(targets_table(targets))
     return "\n\n".join(parts)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--models", type=csv, default="vit_6_4_32,cct_7_3x1_32")
+    parser.add_argument("--models", type=csv, default="vit_6_4_32")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in csv(s)], default="128,32")
     parser.add_argument("--configs", type=csv, default=",".join(CONFIGS))
     parser.add_argument("--compile", action="store_true", help="add a torch.compile'd twin of every config")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=2, help="steps per timed slot")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per config before the rounds")
-    parser.add_argument("--memory", choices=("isolated", "inline", "off"), default="isolated",
-                        help="peak memory per config in a fresh process (isolated), in this one, or not")
+    parser.add_argument("--rounds", type=int, default=5, help="at most this many interleaved rounds")
+    parser.add_argument("--budget", type=float, default=2.0, help="minutes of timing rounds per model and batch")
+    parser.add_argument("--steps", type=int, default=1, help="steps per timed slot")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.models, args.batches, args.rounds, args.steps, args.warmup = ["vit_2_4_32"], [8], 1, 1, 0
-        args.memory = "inline" if args.memory == "isolated" else args.memory
-    unknown = sorted(set(args.configs) - set(CONFIGS))
-    if unknown or "fp" not in args.configs:
-        parser.error(f"--configs {unknown or args.configs}: use names from {list(CONFIGS)}, 'fp' included")
+        args.models, args.batches, args.rounds = ["vit_2_4_32"], [8], 1
+    check_configs(parser, args.configs)
     if args.compile:
         args.configs = args.configs + [c + COMPILED for c in args.configs]
-    name = args.name or ("step_time_compile" if args.compile else "step_time")
-    result = {"machine": machine_info(args.device), "args": {k: str(v) for k, v in vars(args).items()}}
-    rows = [row for m in args.models for b in args.batches for row in measure(args, m, b)]
-    batch = 128 if 128 in args.batches else args.batches[0]
-    result["targets"] = check_targets(rows, args.models[0], batch)
-    result["rows"] = rows
-    write_results(args.out, name, result, markdown(rows, result["targets"], args))
+    result = start(args)
+    runs = [measure(args, m, b) for m in args.models for b in args.batches]
+    result["targets"] = [t for rows in runs for t in check_targets(rows)]
+    result["rows"] = [row for rows in runs for row in rows]
+    write_results(args, result, markdown(result["rows"], result["targets"], args),
+                  "step_time_compile" if args.compile else "step_time")
 
 
 if __name__ == "__main__":

@@ -58,16 +58,16 @@ class RunSummary(Callback):
         self.epoch_start = time.perf_counter()
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or "val/acc1" not in trainer.callback_metrics:
-            return
-        acc = 100.0 * float(trainer.callback_metrics["val/acc1"])
-        self.history.append(acc)
+        if not trainer.sanity_checking and "val/acc1" in trainer.callback_metrics:
+            self.history.append(100.0 * float(trainer.callback_metrics["val/acc1"]))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # after this epoch's validation
         m = trainer.callback_metrics
         train_loss = float(m["train/loss_epoch"]) if "train/loss_epoch" in m else float("nan")
+        val = f"{self.history[-1]:.2f} (best {max(self.history):.2f})" if self.history else "-"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
-        log.info("epoch %d/%d | train/loss %.4f | val/acc1 %.2f (best %.2f) | lr %.3g | %.1fs",
-                 trainer.current_epoch + 1, trainer.max_epochs, train_loss, acc, max(self.history), lr,
-                 time.perf_counter() - self.epoch_start)
+        log.info("epoch %d/%d | train/loss %.4f | val/acc1 %s | lr %.3g | %.1fs", trainer.current_epoch + 1,
+                 trainer.max_epochs, train_loss, val, lr, time.perf_counter() - self.epoch_start)
 
     @rank_zero_only
     def on_fit_end(self, trainer, pl_module) -> None:

@@ -16,6 +16,7 @@ from qat.checkpoint import init_from, resolve_checkpoint, resolve_reference
 from qat.data import build_mixup
 from qat.distill import DistillLoss, load_teacher, resolve_teacher_checkpoint, sha256_file
 from qat.module import LitClassifier, OptimConfig
+from qat.telemetry import QuantTelemetry
 from qat.quant import QuantConfig, quantize_, quantizers
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,15 @@ def train(cfg: DictConfig) -> dict:
                                     auto_insert_metric_name=False)
     summary = RunSummary(output_dir, meta)
     loggers = [instantiate(c) for c in cfg.logger.values()] if cfg.logger else False
-    trainer = instantiate(cfg.trainer, callbacks=[checkpointing, summary, Throughput()], logger=loggers,
+    callbacks = [checkpointing, summary, Throughput()]
+    if recipe["quant"] is not None and cfg.telemetry.every_n_steps:
+        callbacks.append(QuantTelemetry(**plain(cfg.telemetry)))
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    compile_model = trainer_cfg.pop("compile", False)
+    trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                           plugins=[AtomicCheckpointIO()], default_root_dir=str(output_dir))
+    if compile_model:
+        model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
 
     optim = OptimConfig(**plain(cfg.optim))
     global_batch = int(cfg.data.batch_size)

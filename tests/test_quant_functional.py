@@ -153,3 +153,32 @@ def test_half_inputs_use_float32_arithmetic(dtype):
     assert torch.equal(y, lsq_reference((x * 1000).detach(), step.detach(), -127, 127))
     y.sum().backward()
     assert x.grad.dtype == dtype and step.grad.dtype == torch.float32 and torch.isfinite(step.grad).all()
+
+
+def test_range_ends_are_inside():
+    # v exactly at qmin/qmax passes the gradient (LSQ's closed interval); one float32 ulp beyond does not
+    s = torch.tensor([0.5], requires_grad=True)
+    ends = torch.tensor([-0.5, 0.5, 1.5])  # v = -1, 1, 3 for [-1, 1] and [0, 3]
+    for qmin, qmax in ((-1, 1), (0, 3)):
+        x = torch.cat([ends, ends.nextafter(ends.sign() * math.inf)]).requires_grad_()
+        lsq_fake_quant(x, s, qmin, qmax).sum().backward()
+        v = x.detach() / 0.5
+        assert torch.equal(x.grad, ((v >= qmin) & (v <= qmax)).float())
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_non_contiguous_inputs_and_gradients_match_textbook(per_channel):
+    gen = torch.Generator().manual_seed(SEED)
+    x = torch.randn(5, 7, 6, generator=gen).permute(2, 0, 1)  # (6, 5, 7), not contiguous
+    step = torch.rand((6, 1, 1) if per_channel else (1,), generator=gen) * 0.5 + 0.05
+    upstream = torch.randn(7, 6, 5, generator=gen).permute(1, 2, 0)  # yet other strides
+    results = []
+    for fn in (lsq_fake_quant, lsq_reference):
+        leaves = [t.clone().requires_grad_() for t in (x, step)]
+        y = fn(leaves[0], leaves[1], -1, 1)
+        y.backward(upstream)
+        results.append((y.detach(), leaves[0].grad, leaves[1].grad))
+    (y_fused, *g_fused), (y_ref, *g_ref) = results
+    assert torch.equal(y_fused, y_ref)
+    for a, b in zip(g_fused, g_ref):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -84,3 +84,15 @@ def test_mistyped_override_fails(make_cfg):
 def test_missing_data_root_explains_layouts(make_cfg, tmp_path):
     with pytest.raises((FileNotFoundError, ValueError), match="download"):
         train(make_cfg("data=cifar10", f"data.root={tmp_path / 'nowhere'}"))
+
+
+@pytest.mark.slow
+def test_kd_chain_fp_then_4bit_then_2bit(make_cfg, tmp_path):
+    train(make_cfg(run_name="fp"))
+    train(make_cfg("quant=act4b", "kd=vit_2_4_32", f"kd.checkpoint={tmp_path / 'fp'}", run_name="a4"))
+    train(make_cfg("quant=act2b", "kd=vit_2_4_32", "+quant@kd.quant=act4b", f"kd.checkpoint={tmp_path / 'a4'}",
+                   run_name="a2"))
+    a4, a2 = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a4", "a2"))
+    assert a4["teacher"]["quant"] is None and a4["teacher"]["checkpoint"].startswith(str(tmp_path / "fp"))
+    assert a2["teacher"]["quant"]["act"]["bits"] == 4 and a2["teacher"]["checkpoint"].startswith(str(tmp_path / "a4"))
+    assert a2["quant"]["act"]["bits"] == 2 and a2["finished"]

@@ -48,7 +48,7 @@ class TransformerClassifier(nn.Module):
             raise ValueError(f"positional_embedding={positional_embedding!r} is not supported; "
                              "choose 'learnable', 'sine' or 'none'")
         self.dropout = nn.Dropout(dropout)
-        rates = torch.linspace(0, stochastic_depth, num_layers).tolist()
+        rates = torch.linspace(0, stochastic_depth, num_layers, device="cpu").tolist()
         self.blocks = nn.ModuleList([
             TransformerEncoderLayer(embedding_dim, num_heads, int(embedding_dim * mlp_ratio), dropout,
                                     attention_dropout, rate, use_relu, norm)

@@ -96,8 +96,34 @@ def _normalized(x: torch.Tensor, s: torch.Tensor, offset: torch.Tensor | None) -
     return v.div_(s) if offset is not None else v
 
 
+def _open_bounds(qmin: int, qmax: int) -> tuple[float, float]:
+    """float32 numbers just outside [qmin, qmax] (qmin <= 0 < qmax): v is in [qmin, qmax] iff lo < v < hi.
+
+    The next float32 away from zero; for 0 the smallest normal float, so flush-to-zero cannot turn the
+    bound into 0 (it only counts negative denormal v as inside, which changes nothing measurable).
+    """
+    def beyond(q: int, direction: int) -> float:
+        return direction * (abs(q) + 2.0 ** (math.frexp(abs(q))[1] - 24) if q else 2.0**-126)
+    return beyond(qmin, -1), beyond(qmax, 1)
+
+
+def _where_inside(grad: torch.Tensor, v: torch.Tensor, bounds: tuple[float, float], out=None) -> torch.Tensor:
+    """grad where qmin <= v <= qmax, else 0: one vectorised float pass (bool masks are slow on CPU)."""
+    if out is None:
+        return torch.ops.aten.hardtanh_backward(grad, v, *bounds)
+    return torch.ops.aten.hardtanh_backward.grad_input(grad, v, *bounds, grad_input=out)
+
+
+def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """sum(a * b) reduced to `shape` (overwrites `a`); a single dot product when it reduces to one value."""
+    if shape.numel() == 1 and a.is_contiguous() and b.is_contiguous():
+        return torch.dot(a.view(-1), b.view(-1)).reshape(shape)
+    return a.mul_(b).sum_to_size(shape)
+
+
 class LSQFakeQuant(torch.autograd.Function):
-    """Fused LSQ(+) fake quantization: one float32 buffer in forward; backward recomputes v from x.
+    """Fused LSQ(+) fake quantization: saves only its inputs, one float32 buffer in forward; backward
+    recomputes v from x and uses only float passes (about 7 over the tensor, no bool masks).
 
     Gradients (inside = qmin <= v <= qmax, q = the integer level, g = 1/sqrt(qmax * numel(x))):
     dx = grad * inside; dstep = g * sum(grad * (q - v * inside)); doffset = g * sum(grad * (1 - inside)),
@@ -124,20 +150,20 @@ class LSQFakeQuant(torch.autograd.Function):
     def backward(ctx, grad):
         x, step, offset = ctx.saved_tensors
         qmin, qmax, binary, eps = ctx.qrange
+        bounds = _open_bounds(qmin, qmax)
         s = step.float().clamp_min(eps).reshape(step.shape or (1,))
         v = _normalized(x, s, offset)
-        inside = (v >= qmin) & (v <= qmax)
         grad = grad.float()
-        dx = grad.mul(inside).to(x.dtype) if ctx.needs_input_grad[0] else None
+        need_dx, need_dstep, need_doffset = ctx.needs_input_grad[:3]
+        dx = _where_inside(grad, v, bounds) if need_dx or (offset is not None and need_doffset) else None
         dstep = doffset = None
-        if ctx.needs_input_grad[1]:
-            q = torch.where(v >= 0, 1.0, -1.0) if binary else v.clamp(qmin, qmax).round_()
-            q.sub_(v.mul_(inside)).mul_(grad)  # grad * (q - v * inside)
-            dstep = (q.sum_to_size(s.shape) * ctx.gscale).reshape(step.shape).to(step.dtype)
-        if offset is not None and ctx.needs_input_grad[2]:
-            outside = grad.masked_fill(inside, 0.0)
-            doffset = (outside.sum_to_size(offset.shape) * ctx.gscale).to(offset.dtype)
-        return dx, dstep, doffset, None, None, None, None
+        if need_dstep:
+            q = v.ge(0).float().mul_(2).sub_(1) if binary else v.clamp(qmin, qmax).round_()
+            q.sub_(_where_inside(v, v, bounds, out=v))  # q - v * inside (v is not needed afterwards)
+            dstep = (_sum_of_products(q, grad, s.shape) * ctx.gscale).reshape(step.shape).to(step.dtype)
+        if offset is not None and need_doffset:
+            doffset = ((grad - dx).sum_to_size(offset.shape) * ctx.gscale).to(offset.dtype)
+        return (dx.to(x.dtype) if need_dx else None), dstep, doffset, None, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, offset: torch.Tensor | None = None,
