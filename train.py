@@ -16,6 +16,7 @@ def main(cfg: DictConfig) -> float | None:
     finally:
         log.info("output dir: %s", cfg.paths.output_dir)
         close_wandb()
+        close_process_group()
     return metrics.get("val/acc1")
 
 
@@ -24,6 +25,13 @@ def close_wandb() -> None:
     import sys
     if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
         sys.modules["wandb"].finish()
+
+
+def close_process_group() -> None:
+    """Destroy the DDP process group so the next job of a multirun starts its own."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -38,10 +38,10 @@ def test_resume_matches_uninterrupted_run(make_cfg, tmp_path):
     assert acc[0] == acc[1]
 
 
-def run_train(args: list[str], **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+def run_train(args: list[str], env: dict | None = None) -> subprocess.Popen:
+    env = {**(env or os.environ), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
+                            stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow
@@ -75,6 +75,18 @@ def test_ddp_two_cpu_processes_quantized(tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "quantizer steps identical on all 2 ranks" in log, out[-3000:]
     assert "global batch 16 = 2 device(s) x 8" in log
+
+
+@pytest.mark.slow
+def test_multirun_of_ddp_jobs_with_wandb(tmp_path):
+    args = ["-m", *QUICK, "trainer=ddp_cpu", "quant=fp,act2b", "trainer.max_epochs=1", "logger=wandb",
+            f"hydra.sweep.dir={tmp_path}/multi", f"paths.output_root={tmp_path}"]
+    proc = run_train(args, env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)})
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-3000:]
+    summaries = list(tmp_path.rglob("summary.json"))
+    assert sorted(json.loads(p.read_text())["quant_choice"] for p in summaries) == ["act2b", "fp"]
+    assert len({p.parent for p in tmp_path.rglob("offline-run-*/*.wandb")}) == 2  # one W&B run per job
 
 
 def test_wandb_offline_writes_run_folder(make_cfg, monkeypatch, tmp_path):
