@@ -5,6 +5,8 @@ any two of them; a variant's ratio is taken against the baseline measurements ar
 tables show the median over rounds. Absolute times are context only: the machine may be shared.
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -28,6 +30,8 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument("--name", default=None, help="output file stem (default: the script's name)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="glibc malloc keeps freed memory mapped (see keep_heap), as a training process could")
     return parser
 
 
@@ -50,13 +54,26 @@ def cpu_model() -> str:
     return found.group(1).strip() if found else platform.processor() or platform.machine()
 
 
+def keep_heap() -> bool:
+    """Make glibc malloc keep freed memory and serve blocks up to 32 MiB from the heap (mallopt).
+
+    By default it unmaps the freed activations at the end of every step, and the next step faults
+    fresh zeroed pages in again (tens of thousands of page faults per batch-128 step). Returns success.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)) and bool(libc.mallopt(m_mmap_threshold, 2**25))
+
+
 def start(args) -> dict:
-    """Apply --threads; the result skeleton: what the numbers were measured on and with which arguments."""
+    """Apply --threads and --keep-heap; the result skeleton: what was measured on and with which arguments."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.keep_heap and not keep_heap():
+        raise SystemExit("--keep-heap: mallopt failed (not glibc?)")
     machine = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                "torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-               "loadavg_before": loadavg()}  # loadavg shows whether other jobs shared the machine
+               "keep_heap": args.keep_heap, "loadavg_before": loadavg()}  # loadavg: did other jobs share it?
     if args.device.startswith("cuda"):
         machine["gpu"] = torch.cuda.get_device_name(args.device)
     return {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}}
@@ -177,7 +194,7 @@ def write_results(args, result: dict, markdown: str, default_name: str) -> None:
     m = result["machine"]
     m["loadavg_after"] = loadavg()
     head = (f"Machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}), device {m['device']}"
-            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}; "
+            f"{', ' + m['gpu'] if 'gpu' in m else ''}, torch {m['torch']}{', --keep-heap' if m['keep_heap'] else ''}; "
             f"loadavg before {m['loadavg_before']}, after {m['loadavg_after']}.")
     name = args.name or default_name
     args.out.mkdir(parents=True, exist_ok=True)

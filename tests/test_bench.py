@@ -1,21 +1,31 @@
-"""The bench scripts in their tiny --smoke mode, and the timing/memory helpers. No timing assertions."""
+"""The bench scripts in their tiny --smoke mode, the README report, and the timing/memory helpers.
+
+No timing assertions: the smoke runs only check that every script runs and writes what the report reads.
+"""
 import json
 
 import pytest
 import torch
 
-from bench import common, eval_speed, loader, quantizer_op, step_time
+from bench import common, eval_speed, loader, quantizer_op, report, step_time
+
+SCRIPTS = {"step_time": step_time, "quantizer_op": quantizer_op, "loader": loader, "eval_speed": eval_speed}
 
 
-def run(script, tmp_path, *extra: str, name: str | None = None) -> dict:
-    script.main(["--smoke", "--out", str(tmp_path), *extra])
-    name = name or script.__name__.split(".")[-1]
-    assert (tmp_path / f"{name}.md").read_text().startswith("Machine: ")
-    return json.loads((tmp_path / f"{name}.json").read_text())
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """(folder, {script: result}) of every script's --smoke run."""
+    out = tmp_path_factory.mktemp("bench")
+    results = {}
+    for name, script in SCRIPTS.items():
+        script.main(["--smoke", "--out", str(out)])
+        assert (out / f"{name}.md").read_text().startswith("Machine: ")
+        results[name] = json.loads((out / f"{name}.json").read_text())
+    return out, results
 
 
-def test_step_time_smoke(tmp_path):
-    result = run(step_time, tmp_path)
+def test_step_time_smoke(smoke):
+    result = smoke[1]["step_time"]
     rows = {r["config"]: r for r in result["rows"]}
     assert list(rows) == list(step_time.CONFIGS) + [step_time.TEACHER]
     assert rows["fp"]["ratio"]["all"] == [1.0]
@@ -33,12 +43,13 @@ def test_step_time_rejects_unknown_config(tmp_path):
         step_time.main(["--smoke", "--out", str(tmp_path), "--configs", "fp,w3a3"])
 
 
-def test_quantizer_op_smoke(tmp_path):
-    result = run(quantizer_op, tmp_path)
+def test_quantizer_op_smoke(smoke):
+    result = smoke[1]["quantizer_op"]
     assert [c["case"] for c in result["cases"]] == list(quantizer_op.SMOKE_CASES)
     for case in result["cases"]:
         assert list(case["variants"]) == ["torch", "ours", "reference"]
         assert case["variants"]["ours"]["saved_bytes"] == 0  # the fused op keeps only its inputs
+        assert case["variants"]["ours"]["memory"]["peak_bytes"] < case["variants"]["reference"]["memory"]["peak_bytes"]
         assert case["variants"]["reference"]["saved_bytes"] > 0
         textbook = case["check"]["ours vs reference"]
         assert textbook["y_max_abs"] == 0 and textbook["y_mismatches"] == 0
@@ -47,17 +58,28 @@ def test_quantizer_op_smoke(tmp_path):
         assert case["check"]["ours vs torch"]["dstep_max_rel"] < 1e-5
 
 
-def test_loader_smoke(tmp_path):
-    result = run(loader, tmp_path)
+def test_loader_smoke(smoke):
+    result = smoke[1]["loader"]
     assert [r["aug"] for r in result["rows"]] == list(loader.AUGS)
     assert all(r["loader_images_per_s"] > 0 for r in result["rows"])
     assert result["mixup_ms_per_batch"] > 0
 
 
-def test_eval_speed_smoke(tmp_path):
-    result = run(eval_speed, tmp_path)
+def test_eval_speed_smoke(smoke):
+    result = smoke[1]["eval_speed"]
     assert [r["config"] for r in result["rows"]] == eval_speed.EVAL_CONFIGS.split(",")
     assert result["rows"][0]["ratio"]["all"] == [1.0, 1.0]  # 16 images, batch 8: two per-batch ratios
+
+
+def test_report_rewrites_only_the_results_part(smoke, tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# intro\n\n{report.BEGIN}\nold tables\n{report.END}\n\n## after\n")
+    report.main(["--results", str(smoke[0]), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith("# intro") and text.endswith("## after\n") and "old tables" not in text
+    for title in ("Targets", "Training step time / FP step", "LSQ fake-quant", "Data loading", "Evaluation"):
+        assert f"#### {title}" in text
+    assert "vit_2_4_32 b8: w2a2 step / FP step" in text
 
 
 def test_interleave_puts_the_base_around_every_variant(monkeypatch):
@@ -93,6 +115,8 @@ def test_peak_memory_counts_tensors_alive_together():
 
 @pytest.mark.slow
 def test_compile_smoke(tmp_path):
-    rows = run(step_time, tmp_path, "--configs", "fp,w2a2", "--compile", name="step_time_compile")["rows"]
+    step_time.main(["--smoke", "--out", str(tmp_path), "--configs", "fp,w2a2", "--compile"])
+    rows = json.loads((tmp_path / "step_time_compile.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["fp", "w2a2", "fp+compile", "w2a2+compile"]
-    assert "ours+compile" in run(quantizer_op, tmp_path, "--compile")["cases"][0]["variants"]
+    quantizer_op.main(["--smoke", "--out", str(tmp_path), "--compile"])
+    assert "ours+compile" in json.loads((tmp_path / "quantizer_op.json").read_text())["cases"][0]["variants"]
