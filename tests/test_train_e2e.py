@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from qat import load_model
-from qat.quant import QuantLinear
+from qat.quant import QuantLinear, quantizers
 from qat.run import train
 
 FAMILIES = {
@@ -22,6 +22,15 @@ FAMILIES = {
 def test_fast_dev_run_every_family(make_cfg, family):
     metrics = train(make_cfg(*FAMILIES[family], "quant=w2a2", "trainer.fast_dev_run=true"))
     assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+
+
+def test_attention_quantized_run_trains_and_initialises_every_quantizer(make_cfg):
+    cfg = make_cfg("quant=act2b_attn")
+    train(cfg)  # a non-finite loss would raise NonFiniteError
+    assert json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())["finished"]
+    named = list(quantizers(load_model(Path(cfg.paths.output_dir))))
+    assert len(named) == 2 * (4 + 4)  # per block: 4 linear inputs + q, k, v, softmax output
+    assert all(q.is_initialized and torch.isfinite(q.step).all() and (q.step > 0).all() for _, q in named)
 
 
 def test_run_writes_checkpoints_metrics_and_summary(make_cfg):
