@@ -77,7 +77,7 @@ def seeded(seed: int):
 
 
 class EpochSeeded(Dataset):
-    """Wraps a dataset so that item (epoch, i) is produced under seed (seed, epoch, i); plain indices pass through."""
+    """Wraps a dataset so that item (epoch, i) is produced under seed (seed, epoch, i)."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -85,9 +85,7 @@ class EpochSeeded(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key):
-        if isinstance(key, int):
-            return self.dataset[key]
+    def __getitem__(self, key: tuple[int, int]):
         epoch, i = key
         with seeded(mix(self.seed, epoch, i)):
             return self.dataset[i]
