@@ -16,8 +16,8 @@ from qat.checkpoint import init_from, resolve_checkpoint, resolve_reference
 from qat.data import build_mixup
 from qat.distill import DistillLoss, load_teacher, resolve_teacher_checkpoint, sha256_file
 from qat.module import LitClassifier, OptimConfig
-from qat.telemetry import QuantTelemetry
 from qat.quant import QuantConfig, quantize_, quantizers
+from qat.telemetry import QuantTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -87,30 +87,22 @@ def build_distillation(cfg: DictConfig, student: torch.nn.Module) -> tuple:
                                             cfg.paths.output_root, train_hint=hint)
     log.info("teacher: %s", info)
     teacher = load_teacher(teacher_cfg, str(path), quant=teacher_quant, num_classes=int(cfg.data.num_classes))
-    img = int(cfg.data.img_size)
+    s_out, t_out = dry_run(student, teacher, int(cfg.data.img_size))
     distill = DistillLoss(kind=kd.kind, temperature=kd.temperature, hard_weight=kd.hard_weight,
                           mse_alpha=kd.mse_alpha, mse_layers=kd.mse_layers, token_match=kd.token_match,
                           two_head_alpha=kd.two_head_alpha, project=kd.project,
-                          student_dim=feature_dim(student, img), teacher_dim=feature_dim(teacher, img))
-    check_distillation(student, teacher, distill, img)
+                          student_dim=s_out[1][-1].shape[-1], teacher_dim=t_out[1][-1].shape[-1])
+    distill.check(s_out[0], t_out[0], s_out[1], t_out[1])  # shape mismatches fail before training starts
     meta = {"teacher": {"model": teacher_cfg["name"], "quant": teacher_quant, "checkpoint": str(path),
                         "sha256": sha256_file(path)}}
     return teacher, distill, meta
 
 
-def feature_dim(model: torch.nn.Module, img_size: int) -> int:
-    with quantizers_bypassed(model):
-        _, feats = model(torch.zeros(1, 3, img_size, img_size), return_features=True)
-    return feats[-1].shape[-1]
-
-
-def check_distillation(student, teacher, distill, img_size: int) -> None:
-    """Dry-run the loss on a tiny batch so shape mismatches fail before training starts."""
+def dry_run(student, teacher, img_size: int) -> tuple:
+    """(logits, features) of student (quantizers bypassed: not initialised yet) and teacher on a zero batch."""
     x = torch.zeros(2, 3, img_size, img_size)
-    with quantizers_bypassed(student):
-        s_logits, s_feats = student(x, return_features=True)
-        t_logits, t_feats = teacher(x, return_features=True)
-        distill.check(s_logits, t_logits, s_feats, t_feats)
+    with quantizers_bypassed(student):  # also no_grad
+        return student(x, return_features=True), teacher(x, return_features=True)
 
 
 def resume_path(cfg: DictConfig, output_dir: Path) -> str | None:
