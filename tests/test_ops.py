@@ -100,7 +100,11 @@ def test_wandb_offline_writes_run_folder(make_cfg, monkeypatch, tmp_path):
         wandb.finish()
     runs = list(Path(cfg.paths.output_dir).rglob("offline-run-*"))
     assert runs, "no offline W&B run folder"
-    # wandb >= 0.19 keeps config and history as protobuf records in the .wandb file until `wandb sync`
-    records = next(runs[0].glob("*.wandb")).read_bytes()
-    for expected in [b"lr_scale_rule", b"vit_2_4_32", b"quickstart", b"val/acc1", b"train/loss"]:
-        assert expected in records, expected
+    # wandb >= 0.19 keeps config and history as protobuf records in the .wandb file until `wandb sync`;
+    # its service process may still be writing them after finish() returns
+    wanted = [b"lr_scale_rule", b"vit_2_4_32", b"quickstart", b"val/acc1", b"train/loss"]
+    deadline = time.monotonic() + 60
+    while not all(w in (records := next(runs[0].glob("*.wandb")).read_bytes()) for w in wanted):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{[w for w in wanted if w not in records]} not in the .wandb records")
+        time.sleep(0.5)

@@ -118,3 +118,101 @@ def test_direct_construction():
     assert sorted(q.state_dict()) == ["act_quantizer.initialized", "act_quantizer.step", "input_bias", "weight",
                                       "weight_quantizer.initialized", "weight_quantizer.step"]
     assert q.train()(torch.randn(2, 6)).shape == (2, 3)
+
+
+FUSED_CASES = [  # act config, weight config, act signed
+    (QuantizerConfig(bits=2), QuantizerConfig(bits=2), True),
+    (QuantizerConfig(bits=4, learnable_offset=True), None, False),  # LSQ+ offset
+    (QuantizerConfig(bits=1), QuantizerConfig(bits=3, per_channel=True), True),  # binary input
+    (QuantizerConfig(bits=8, symmetric=False), None, False),
+]
+
+
+def make_grouped_conv():
+    torch.manual_seed(SEED)
+    return nn.Conv2d(4, 6, 3, stride=(2, 1), padding=(1, 2), dilation=(1, 2), groups=2), torch.randn(2, 4, 7, 9)
+
+
+def make_linear_no_bias():
+    torch.manual_seed(SEED)
+    return nn.Linear(12, 5, bias=False), torch.randn(3, 7, 12)
+
+
+def unfused(q, x):
+    """The layer as the composition of its quantizer modules and the float op."""
+    x_hat = q.act_quantizer(x if q.input_bias is None else x + q.input_bias)
+    w_hat = q.weight_quantizer(q.weight)
+    return F.linear(x_hat, w_hat, q.bias) if isinstance(q, nn.Linear) else q._conv_forward(x_hat, w_hat, q.bias)
+
+
+def run_backward(q, forward, x, upstream):
+    leaves = [x] + [p for p in q.parameters()]
+    for t in leaves:
+        t.grad = None
+    y = forward(q, x)
+    y.backward(upstream)
+    return y.detach(), [t.grad.clone() for t in leaves]
+
+
+@pytest.mark.parametrize("act,weight,signed", FUSED_CASES)
+@pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_linear_no_bias, QuantLinear),
+                                      (make_conv, QuantConv2d), (make_grouped_conv, QuantConv2d)])
+def test_fused_layer_matches_composition(make, cls, act, weight, signed):
+    mod, x = make()
+    q = initialise(cls.from_float(mod, weight, act, signed, learnable_bias=True), x).train()
+    with torch.no_grad():
+        q.input_bias.normal_(0, 0.1)
+    x = x.clone().requires_grad_()
+    upstream = torch.randn(unfused(q, x).shape, generator=torch.Generator().manual_seed(SEED))
+    y_fused, g_fused = run_backward(q, lambda m, t: m(t), x, upstream)
+    y_ref, g_ref = run_backward(q, unfused, x, upstream)
+    assert torch.equal(y_fused, y_ref)
+    for a, b in zip(g_fused, g_ref, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def activation_sized_saves(q, x) -> set[int]:
+    """Storages of the tensors with x's element count that the layer's autograd graph keeps."""
+    kept = set()
+
+    def pack(t):
+        if t.numel() == x.numel():
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        q(x)
+    return kept
+
+
+@pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_conv, QuantConv2d)])
+def test_fused_layer_keeps_only_the_float_input(make, cls):
+    mod, x = make()
+    x = x.requires_grad_()
+    q = initialise(cls.from_float(mod, W2, A4), x).train()
+    assert activation_sized_saves(mod, x) == {x.untyped_storage().data_ptr()}
+    assert activation_sized_saves(q, x) == {x.untyped_storage().data_ptr()}  # not Q(x) as well
+    q.act_quantizer.register_forward_hook(lambda *_: None)  # an observed quantizer runs as its own op
+    assert len(activation_sized_saves(q, x)) == 2
+
+
+@pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_conv, QuantConv2d)])
+def test_fused_layer_under_autocast_matches_composition(make, cls):
+    mod, x = make()
+    q = initialise(cls.from_float(mod, W2, A4), x).train()
+    x = x.clone().requires_grad_()
+    upstream = torch.randn(unfused(q, x).shape)
+    results = []
+    for forward in (lambda m, t: m(t), unfused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(run_backward(q, forward, x, upstream.bfloat16()))
+    (y_fused, g_fused), (y_ref, g_ref) = results
+    assert y_fused.dtype == torch.bfloat16 and torch.equal(y_fused, y_ref)
+    for a, b in zip(g_fused, g_ref, strict=True):
+        assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-2, atol=1e-3)
+
+
+def test_non_zero_padding_conv_uses_the_composition():
+    torch.manual_seed(SEED)
+    mod, x = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.randn(2, 3, 8, 8)
+    q = initialise(QuantConv2d.from_float(mod, W2, A4), x)
+    assert torch.equal(q(x), unfused(q, x))

@@ -4,8 +4,10 @@ The STE ops are written as `forward_value + (y - y.detach())`, so the forward va
 gradient is that of `y`.
 """
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
@@ -88,12 +90,32 @@ def lsq_reference(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, off
     return out.to(x.dtype)
 
 
+def _scale(step: torch.Tensor, eps: float) -> torch.Tensor:
+    """The step floored at eps, float32, at least 1-D (so half inputs promote against it)."""
+    return step.detach().float().clamp_min(eps).reshape(step.shape or (1,))
+
+
 def _normalized(x: torch.Tensor, s: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """v = (x - offset) / s as a new float32 tensor (`s` has >= 1 dim, so half inputs promote)."""
+    """v = (x - offset) / s as a new float32 tensor."""
     v = x.sub(offset.float()) if offset is not None else x.div(s)
     if v.dtype != torch.float32:
         v = v.float()
     return v.div_(s) if offset is not None else v
+
+
+def _levels(v: torch.Tensor, qmin: int, qmax: int, binary: bool) -> torch.Tensor:
+    """The integer level of every element of v, as a new float32 tensor."""
+    return v.ge(0).float().mul_(2).sub_(1) if binary else v.clamp(qmin, qmax).round_()
+
+
+def _fake_quant_(v: torch.Tensor, s: torch.Tensor, offset: torch.Tensor | None, qmin: int, qmax: int,
+                 binary: bool) -> torch.Tensor:
+    """v = (x - offset) / s -> q * s + offset, in place."""
+    if binary:
+        v.ge_(0).mul_(2 * s).sub_(s)  # (v >= 0) * 2s - s = +-s
+    else:
+        v.clamp_(qmin, qmax).round_().mul_(s)
+    return v.add_(offset.float()) if offset is not None else v
 
 
 def _open_bounds(qmin: int, qmax: int) -> tuple[float, float]:
@@ -121,49 +143,50 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> tor
     return a.mul_(b).sum_to_size(shape)
 
 
-class LSQFakeQuant(torch.autograd.Function):
-    """Fused LSQ(+) fake quantization: saves only its inputs, one float32 buffer in forward; backward
-    recomputes v from x and uses only float passes (about 7 over the tensor, no bool masks).
+def _lsq_grads(grad: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, step: torch.Tensor,
+               offset: torch.Tensor | None, qmin: int, qmax: int, needs: tuple[bool, bool, bool]):
+    """(dx, dstep, doffset) of LSQ(+), None where not needed (reference §3.4), in float32.
 
-    Gradients (inside = qmin <= v <= qmax, q = the integer level, g = 1/sqrt(qmax * numel(x))):
+    `grad` is the float32 gradient of the fake-quant output, v = (x - offset) / s and q its levels (needed
+    for dstep); v and q are overwritten. With inside = qmin <= v <= qmax and g = 1/sqrt(qmax * numel(x)):
     dx = grad * inside; dstep = g * sum(grad * (q - v * inside)); doffset = g * sum(grad * (1 - inside)),
     sums over the dims the step (offset) is broadcast along.
     """
+    need_dx, need_dstep, need_doffset = needs
+    bounds = _open_bounds(qmin, qmax)
+    gscale = 1.0 / math.sqrt(qmax * v.numel())
+    shape = torch.Size(step.shape or (1,))
+    dx = _where_inside(grad, v, bounds) if need_dx or (offset is not None and need_doffset) else None
+    dstep = doffset = None
+    if need_dstep:
+        q.sub_(_where_inside(v, v, bounds, out=v))  # q - v * inside
+        dstep = (_sum_of_products(q, grad, shape) * gscale).reshape(step.shape).to(step.dtype)
+    if offset is not None and need_doffset:
+        doffset = ((grad - dx).sum_to_size(shape) * gscale).to(offset.dtype)
+    return dx, dstep, doffset
+
+
+class LSQFakeQuant(torch.autograd.Function):
+    """Fused LSQ(+) fake quantization: saves only its inputs, one float32 buffer in forward; backward
+    recomputes v from x and uses only float passes (about 7 over the tensor, no bool masks)."""
 
     @staticmethod
     def forward(ctx, x, step, offset, qmin: int, qmax: int, binary: bool, eps: float):
-        s = step.detach().float().clamp_min(eps).reshape(step.shape or (1,))
-        v = _normalized(x, s, offset)
-        if binary:
-            v.ge_(0).mul_(2 * s).sub_(s)  # (v >= 0) * 2s - s = +-s
-        else:
-            v.clamp_(qmin, qmax).round_().mul_(s)
-        if offset is not None:
-            v.add_(offset.float())
+        s = _scale(step, eps)
         ctx.save_for_backward(x, step, offset)
-        ctx.qrange = (qmin, qmax, binary, eps)
-        ctx.gscale = 1.0 / math.sqrt(qmax * x.numel())
-        return v.to(x.dtype)
+        ctx.lsq = (qmin, qmax, binary, eps)
+        return _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax, binary).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, step, offset = ctx.saved_tensors
-        qmin, qmax, binary, eps = ctx.qrange
-        bounds = _open_bounds(qmin, qmax)
-        s = step.float().clamp_min(eps).reshape(step.shape or (1,))
-        v = _normalized(x, s, offset)
-        grad = grad.float()
-        need_dx, need_dstep, need_doffset = ctx.needs_input_grad[:3]
-        dx = _where_inside(grad, v, bounds) if need_dx or (offset is not None and need_doffset) else None
-        dstep = doffset = None
-        if need_dstep:
-            q = v.ge(0).float().mul_(2).sub_(1) if binary else v.clamp(qmin, qmax).round_()
-            q.sub_(_where_inside(v, v, bounds, out=v))  # q - v * inside (v is not needed afterwards)
-            dstep = (_sum_of_products(q, grad, s.shape) * ctx.gscale).reshape(step.shape).to(step.dtype)
-        if offset is not None and need_doffset:
-            doffset = ((grad - dx).sum_to_size(offset.shape) * ctx.gscale).to(offset.dtype)
-        return (dx.to(x.dtype) if need_dx else None), dstep, doffset, None, None, None, None
+        qmin, qmax, binary, eps = ctx.lsq
+        needs = ctx.needs_input_grad[:3]
+        v = _normalized(x, _scale(step, eps), offset)
+        q = _levels(v, qmin, qmax, binary) if needs[1] else None
+        dx, dstep, doffset = _lsq_grads(grad.float(), v, q, step, offset, qmin, qmax, needs)
+        return (dx.to(x.dtype) if needs[0] else None), dstep, doffset, None, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, offset: torch.Tensor | None = None,
@@ -179,3 +202,103 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, of
     (tensor([-0.5000, -0.0000,  0.0000,  0.5000,  0.5000]), tensor([0., 1., 1., 1., 0.]), tensor([0.2236]))
     """
     return LSQFakeQuant.apply(x, step, offset, qmin, qmax, binary, eps)
+
+
+class LinearOp:
+    """F.linear and its gradients, for `LSQInputLayer`."""
+
+    @staticmethod
+    def forward(x, w, b):
+        return F.linear(x, w, b)
+
+    @staticmethod
+    def input_grad(grad, x_shape, w):
+        return grad.matmul(w)
+
+    @staticmethod
+    def param_grads(grad, x, w, need_w: bool, need_b: bool):
+        grad = grad.reshape(-1, grad.shape[-1])
+        return (grad.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None), (grad.sum(0) if need_b else None)
+
+
+@dataclass(frozen=True)
+class Conv2dOp:
+    """F.conv2d with explicit zero padding and its gradients, for `LSQInputLayer`."""
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def forward(self, x, w, b):
+        return F.conv2d(x, w, b, self.stride, self.padding, self.dilation, self.groups)
+
+    def input_grad(self, grad, x_shape, w):
+        return torch.nn.grad.conv2d_input(x_shape, w, grad, self.stride, self.padding, self.dilation, self.groups)
+
+    def param_grads(self, grad, x, w, need_w: bool, need_b: bool):
+        _, dw, db = torch.ops.aten.convolution_backward(
+            grad, x, w, [w.shape[0]] if need_b else None, self.stride, self.padding, self.dilation, False, [0, 0],
+            self.groups, [False, need_w, need_b])
+        return dw, db
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the layer computes in: autocast's when it is on for x's device, else x's."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+class LSQInputLayer(torch.autograd.Function):
+    """layer(Q(x), w, b) for a linear / convolution layer whose input is LSQ(+) fake-quantized.
+
+    Saves x (which the float layer saves anyway), not Q(x): backward recomputes v, the levels and Q(x)
+    from x, so a quantized layer keeps no more activation memory than the float layer. Under autocast
+    the layer runs in the autocast dtype, as the float layer would; the quantizer arithmetic is float32.
+    """
+
+    @staticmethod
+    def forward(ctx, x, step, offset, weight, bias, op, qmin: int, qmax: int, binary: bool, eps: float):
+        s = _scale(step, eps)
+        dtype = _compute_dtype(x)
+        xq = _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax, binary).to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            y = op.forward(xq, weight.to(dtype), None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(x, step, offset, weight)
+        ctx.op, ctx.lsq, ctx.dtype = op, (qmin, qmax, binary, eps), dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, step, offset, weight = ctx.saved_tensors
+        qmin, qmax, binary, eps = ctx.lsq
+        need_x, need_step, need_offset, need_w, need_b = ctx.needs_input_grad[:5]
+        s = _scale(step, eps)
+        v = _normalized(x, s, offset)
+        q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
+        w = weight.to(ctx.dtype)
+        dw = db = None
+        if need_w or need_b:
+            xq = (q * s).add_(offset.float()) if offset is not None else q * s
+            dw, db = ctx.op.param_grads(grad, xq.to(ctx.dtype), w, need_w, need_b)
+            del xq
+        dx = dstep = doffset = None
+        if need_x or need_step or need_offset:
+            dxq = ctx.op.input_grad(grad, x.shape, w).float()
+            dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax, (need_x, need_step, need_offset))
+        return ((dx.to(x.dtype) if need_x else None), dstep, doffset, None if dw is None else dw.to(weight.dtype),
+                None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None)
+
+
+def lsq_layer(op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: torch.Tensor,
+              qmin: int, qmax: int, offset: torch.Tensor | None = None, binary: bool = False,
+              eps: float = 1e-5) -> torch.Tensor:
+    """op.forward(lsq_fake_quant(x, ...), weight, bias) with the same values and gradients, keeping only x for
+    backward; `op` is `LinearOp` or a `Conv2dOp`.
+
+    >>> x, w = torch.tensor([[0.3, -0.8]]), torch.tensor([[1.0, 2.0]])
+    >>> lsq_layer(LinearOp, x, w, None, torch.tensor([0.5]), -1, 1)  # Q(x) = [0.5, -0.5]
+    tensor([[-0.5000]])
+    """
+    return LSQInputLayer.apply(x, step, offset, weight, bias, op, qmin, qmax, binary, eps)

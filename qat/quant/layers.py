@@ -1,8 +1,13 @@
-"""QuantLinear / QuantConv2d: y = layer(Q_a(x + input_bias), Q_w(W)) + b (reference §3.1)."""
+"""QuantLinear / QuantConv2d: y = layer(Q_a(x + input_bias), Q_w(W)) + b (reference §3.1).
+
+The input quantizer runs inside the layer's autograd function (`lsq_layer`), so a quantized layer keeps
+x for backward as the float layer does, not Q(x) as well.
+"""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qat.quant.functional import Conv2dOp, LinearOp
 from qat.quant.quantizers import LSQQuantizer
 
 
@@ -26,10 +31,15 @@ class QuantLayerMixin:
         self.register_parameter("input_bias", nn.Parameter(torch.zeros(bias_shape, device=device)) if learnable_bias
                                 else None)
 
-    def quant_input(self, x: torch.Tensor) -> torch.Tensor:
+    def _quant_forward(self, op, x: torch.Tensor, float_forward) -> torch.Tensor:
+        """The layer on Q_a(x + input_bias) and Q_w(W); `op` (None: not fusable) fuses the input quantizer."""
         if self.input_bias is not None:
             x = x + self.input_bias
-        return self.act_quantizer(x)
+        weight = self.weight_quantizer(self.weight)
+        quantizer = self.act_quantizer
+        if op is not None and isinstance(quantizer, LSQQuantizer) and quantizer.fusable():
+            return quantizer.layer(op, x, weight, self.bias)
+        return float_forward(quantizer(x), weight, self.bias)
 
     @classmethod
     def from_float(cls, mod: nn.Module, weight_cfg=None, act_cfg=None, act_signed: bool = True,
@@ -64,7 +74,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
         return {"in_features": mod.in_features, "out_features": mod.out_features}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quant_input(x), self.weight_quantizer(self.weight), self.bias)
+        return self._quant_forward(LinearOp, x, F.linear)
 
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
@@ -85,4 +95,6 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
                 "padding_mode": mod.padding_mode}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quant_input(x), self.weight_quantizer(self.weight), self.bias)
+        zero_padded = self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        op = Conv2dOp(self.stride, self.padding, self.dilation, self.groups) if zero_padded else None
+        return self._quant_forward(op, x, self._conv_forward)

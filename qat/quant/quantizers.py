@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qat.quant.functional import level_range, lsq_fake_quant
+from qat.quant.functional import level_range, lsq_fake_quant, lsq_layer
 
 INITS = ("lsq", "minmax", "mse")
 MSE_GRID = 2.0 ** torch.linspace(-6, 1, 57)  # candidate multiples of the LSQ init, 1/8-octave apart
@@ -66,17 +66,32 @@ class LSQQuantizer(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
         self._initialized = None  # re-read the (possibly loaded) buffer on the next forward
 
+    def _ready(self, x: torch.Tensor) -> None:
+        """Initialise from `x` on the first train-mode call; refuse an uninitialised quantizer in eval mode."""
+        if self.is_initialized:
+            return
+        if not self.training:
+            raise RuntimeError(
+                f"quantizer {self.name or '<unnamed>'} is not initialised and the model is in eval mode: "
+                "run one forward pass in train mode on a training batch (calibration) or load a "
+                "checkpoint that holds its step")
+        self.initialize_(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if not self.is_initialized:
-            if not self.training:
-                raise RuntimeError(
-                    f"quantizer {self.name or '<unnamed>'} is not initialised and the model is in eval mode: "
-                    "run one forward pass in train mode on a training batch (calibration) or load a "
-                    "checkpoint that holds its step")
-            self.initialize_(x)
+        self._ready(x)
         return lsq_fake_quant(x, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps)
+
+    def fusable(self) -> bool:
+        """Whether a layer may apply this quantizer inside its own autograd function (`layer`): it is enabled
+        and no hook observes its call (telemetry and the NaN guard hook it; then the layer calls it)."""
+        return self.enabled and not (self._forward_hooks or self._forward_pre_hooks)
+
+    def layer(self, op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """op.forward(self(x), weight, bias), keeping x but not self(x) for backward (`lsq_layer`)."""
+        self._ready(x)
+        return lsq_layer(op, x, weight, bias, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps)
 
     @torch.no_grad()
     def initialize_(self, x: torch.Tensor) -> None:
