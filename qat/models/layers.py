@@ -96,7 +96,8 @@ class Attention(nn.Module):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, h, C/h)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, N, C/h)
-        q, k, v = self.q_quant(qkv[0]), self.k_quant(qkv[1]), self.v_quant(qkv[2])  # each (B, h, N, C/h)
+        q, k, v = qkv.unbind(0)  # each (B, h, N, C/h); unbind's backward stacks, indexing's would zero-fill 3x
+        q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         if type(self.attn_quant) is QuantPoint:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)
         else:

@@ -96,11 +96,11 @@ def _scale(step: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _normalized(x: torch.Tensor, s: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-    """v = (x - offset) / s as a new float32 tensor."""
-    v = x.sub(offset.float()) if offset is not None else x.div(s)
-    if v.dtype != torch.float32:
-        v = v.float()
-    return v.div_(s) if offset is not None else v
+    """v = (x - offset) / s as a new contiguous float32 tensor (whatever x's layout, e.g. a q/k/v view)."""
+    v = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    if offset is None:
+        return torch.div(x, s, out=v)
+    return torch.sub(x, offset.float(), out=v).div_(s)
 
 
 def _levels(v: torch.Tensor, qmin: int, qmax: int, binary: bool) -> torch.Tensor:
@@ -144,25 +144,32 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> tor
 
 
 def _lsq_grads(grad: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, step: torch.Tensor,
-               offset: torch.Tensor | None, qmin: int, qmax: int, needs: tuple[bool, bool, bool]):
+               offset: torch.Tensor | None, qmin: int, qmax: int, needs: tuple[bool, bool, bool],
+               scratch: torch.Tensor | None = None):
     """(dx, dstep, doffset) of LSQ(+), None where not needed (reference §3.4), in float32.
 
     `grad` is the float32 gradient of the fake-quant output, v = (x - offset) / s and q its levels (needed
     for dstep); v and q are overwritten. With inside = qmin <= v <= qmax and g = 1/sqrt(qmax * numel(x)):
     dx = grad * inside; dstep = g * sum(grad * (q - v * inside)); doffset = g * sum(grad * (1 - inside)),
-    sums over the dims the step (offset) is broadcast along.
+    sums over the dims the step (offset) is broadcast along. A `scratch` float32 tensor shaped like x
+    (overwritten, as `grad` then is) receives dx, so no new buffer is allocated.
     """
     need_dx, need_dstep, need_doffset = needs
+    need_doffset = need_doffset and offset is not None
     bounds = _open_bounds(qmin, qmax)
     gscale = 1.0 / math.sqrt(qmax * v.numel())
     shape = torch.Size(step.shape or (1,))
-    dx = _where_inside(grad, v, bounds) if need_dx or (offset is not None and need_doffset) else None
-    dstep = doffset = None
+    dx = dstep = doffset = None
+    if scratch is None and (need_dx or need_doffset):
+        dx = _where_inside(grad, v, bounds)  # before v is overwritten
     if need_dstep:
-        q.sub_(_where_inside(v, v, bounds, out=v))  # q - v * inside
+        q.sub_(_where_inside(v, v, bounds, out=v if scratch is None else scratch))  # q - v * inside
         dstep = (_sum_of_products(q, grad, shape) * gscale).reshape(step.shape).to(step.dtype)
-    if offset is not None and need_doffset:
-        doffset = ((grad - dx).sum_to_size(shape) * gscale).to(offset.dtype)
+    if scratch is not None and (need_dx or need_doffset):
+        dx = _where_inside(grad, v, bounds, out=scratch)
+    if need_doffset:
+        outside = grad.sub_(dx) if scratch is not None else grad - dx
+        doffset = (outside.sum_to_size(shape) * gscale).to(offset.dtype)
     return dx, dstep, doffset
 
 
@@ -278,15 +285,16 @@ class LSQInputLayer(torch.autograd.Function):
         v = _normalized(x, s, offset)
         q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
         w = weight.to(ctx.dtype)
-        dw = db = None
+        dw = db = xq = None
         if need_w or need_b:
             xq = (q * s).add_(offset.float()) if offset is not None else q * s
             dw, db = ctx.op.param_grads(grad, xq.to(ctx.dtype), w, need_w, need_b)
-            del xq
         dx = dstep = doffset = None
         if need_x or need_step or need_offset:
             dxq = ctx.op.input_grad(grad, x.shape, w).float()
-            dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax, (need_x, need_step, need_offset))
+            scratch = xq if xq is not None else torch.empty_like(v)  # Q(x) is no longer needed: dx goes there
+            dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax, (need_x, need_step, need_offset),
+                                            scratch)
         return ((dx.to(x.dtype) if need_x else None), dstep, doffset, None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None)
 
