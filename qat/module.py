@@ -127,18 +127,18 @@ class LitClassifier(L.LightningModule):
             logits = self.model(x)
             return self.base_loss(logits, targets), {}, logits
         need_feats = self.distill.needs_features
-        label_logits = None
-        pooled, feats = self.model.forward_features(x)
-        logits = self.model.forward_head(pooled)
-        if self.distill.two_head_alpha is not None:
-            label_logits = self.model.forward_head(pooled, label=True)
         t_logits, t_feats = None, None
-        if self.teacher is not None:
+        if self.teacher is not None:  # first: its temporaries are freed before the student's activations pile up
             with torch.no_grad():
                 t_out = self.teacher(x, return_features=need_feats)
             t_logits, t_feats = t_out if need_feats else (t_out, None)
             if self.global_step == 0 and not torch.isfinite(t_logits).all():
                 raise NonFiniteError("the teacher produced non-finite logits on the first batch: check kd.checkpoint")
+        label_logits = None
+        pooled, feats = self.model.forward_features(x)
+        logits = self.model.forward_head(pooled)
+        if self.distill.two_head_alpha is not None:
+            label_logits = self.model.forward_head(pooled, label=True)
         loss, terms = self.distill(logits, t_logits, targets, self.base_loss, student_feats=feats if need_feats else None,
                                    teacher_feats=t_feats, label_logits=label_logits)
         return loss, terms, logits

@@ -1,10 +1,13 @@
 """QuantLinear / QuantConv2d: shared Parameters, bit-exact equivalences, per-channel steps, input bias."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quant import QuantConv2d, QuantizerConfig, QuantLinear
+from qat.models import create_model
+from qat.quant import QuantConv2d, QuantizerConfig, QuantLinear, quantize_
 
 SEED = 123
 W2 = QuantizerConfig(bits=2)
@@ -216,3 +219,37 @@ def test_non_zero_padding_conv_uses_the_composition():
     mod, x = nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), torch.randn(2, 3, 8, 8)
     q = initialise(QuantConv2d.from_float(mod, W2, A4), x)
     assert torch.equal(q(x), unfused(q, x))
+
+
+@pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_conv, QuantConv2d)])
+@pytest.mark.parametrize("frozen", ["weight", "input", "step"])
+def test_fused_layer_with_frozen_tensors_matches_composition(make, cls, frozen):
+    mod, x = make()
+    q = initialise(cls.from_float(mod, None, A4), x).train()
+    x = x.clone().requires_grad_(frozen != "input")
+    {"weight": q.weight, "input": x, "step": q.act_quantizer.step}[frozen].requires_grad_(False)
+    upstream = torch.randn(unfused(q, x).shape)
+    grads = []
+    for forward in (lambda m, t: m(t), unfused):
+        leaves = [t for t in (x, q.weight, q.bias, q.act_quantizer.step) if t.requires_grad]
+        grads.append(torch.autograd.grad(forward(q, x), leaves, upstream))
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_compiled_quantized_vit_matches_eager():
+    # torch.compile traces the fused layer and the quantizers on q/k/v views (trainer.compile=true)
+    torch.manual_seed(SEED)
+    model = quantize_(create_model("vit_2_4_32"), {"weight": {"bits": 2}, "act": {"bits": 2}, "attn": {"bits": 2}})
+    x = torch.randn(4, 3, 32, 32)
+    initialise(model, x)  # eval mode from here: no dropout, so both runs compute the same function
+    compiled = copy.deepcopy(model)
+    compiled.compile()
+    grads = []
+    for m in (model, compiled):
+        loss = m(x).logsumexp(-1).sum()
+        grads.append(torch.autograd.grad(loss, [p for p in m.parameters()]))
+        assert torch.isfinite(loss)
+    for a, b in zip(*grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-5)

@@ -138,8 +138,8 @@ def _where_inside(grad: torch.Tensor, v: torch.Tensor, bounds: tuple[float, floa
 
 def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     """sum(a * b) reduced to `shape` (overwrites `a`); a single dot product when it reduces to one value."""
-    if shape.numel() == 1 and a.is_contiguous() and b.is_contiguous():
-        return torch.dot(a.view(-1), b.view(-1)).reshape(shape)
+    if shape.numel() == 1 and a.is_contiguous() and b.is_contiguous():  # reshape, not view: under torch.compile
+        return torch.dot(a.reshape(-1), b.reshape(-1)).reshape(shape)   # the real strides may differ
     return a.mul_(b).sum_to_size(shape)
 
 
@@ -224,6 +224,7 @@ class LinearOp:
 
     @staticmethod
     def param_grads(grad, x, w, need_w: bool, need_b: bool):
+        """dW (from the layer input x) and db."""
         grad = grad.reshape(-1, grad.shape[-1])
         return (grad.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None), (grad.sum(0) if need_b else None)
 
@@ -243,10 +244,10 @@ class Conv2dOp:
         return torch.nn.grad.conv2d_input(x_shape, w, grad, self.stride, self.padding, self.dilation, self.groups)
 
     def param_grads(self, grad, x, w, need_w: bool, need_b: bool):
-        _, dw, db = torch.ops.aten.convolution_backward(
-            grad, x, w, [w.shape[0]] if need_b else None, self.stride, self.padding, self.dilation, False, [0, 0],
-            self.groups, [False, need_w, need_b])
-        return dw, db
+        """dW (from the layer input x) and db."""
+        dw = torch.nn.grad.conv2d_weight(x, w.shape, grad, self.stride, self.padding, self.dilation,
+                                         self.groups) if need_w else None
+        return dw, (grad.sum((0, 2, 3)) if need_b else None)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -285,10 +286,10 @@ class LSQInputLayer(torch.autograd.Function):
         v = _normalized(x, s, offset)
         q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
         w = weight.to(ctx.dtype)
-        dw = db = xq = None
-        if need_w or need_b:
+        xq = None
+        if need_w:
             xq = (q * s).add_(offset.float()) if offset is not None else q * s
-            dw, db = ctx.op.param_grads(grad, xq.to(ctx.dtype), w, need_w, need_b)
+        dw, db = ctx.op.param_grads(grad, None if xq is None else xq.to(ctx.dtype), w, need_w, need_b)
         dx = dstep = doffset = None
         if need_x or need_step or need_offset:
             dxq = ctx.op.input_grad(grad, x.shape, w).float()
