@@ -11,20 +11,9 @@ from torch.utils.hooks import RemovableHandle
 from qat.quant import LSQQuantizer, QuantLayerMixin, lsq_fake_quant, quantizers
 
 
-def normalized(x: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
-    """(x - offset) / max(step, eps) in float32, as the quantizer's forward computes it."""
-    s = quantizer.step.detach().float().clamp_min(quantizer.eps)
-    v = x.detach().float()
-    if quantizer.offset is not None:
-        v = v - quantizer.offset.detach().float()
-    return v / s
-
-
 def codes(x: torch.Tensor, quantizer: LSQQuantizer) -> torch.Tensor:
     """Integer level of every element minus qmin, as uint8 (0..255 holds every 1..8-bit level range)."""
-    v = normalized(x, quantizer)
-    levels = torch.where(v >= 0, 1.0, -1.0) if quantizer.binary else v.clamp(quantizer.qmin, quantizer.qmax).round()
-    return (levels - quantizer.qmin).to(torch.uint8)
+    return (quantizer.levels(x) - quantizer.qmin).to(torch.uint8)
 
 
 @torch.no_grad()
@@ -33,7 +22,7 @@ def quant_stats(x: torch.Tensor, quantizer: LSQQuantizer, out: torch.Tensor | No
 
     `out` is Q(x) when already computed (the quantizer's output in a forward hook).
     """
-    v = normalized(x, quantizer)
+    v = quantizer.normalized(x)
     if out is None:
         out = lsq_fake_quant(x.detach(), quantizer.step.detach(), quantizer.qmin, quantizer.qmax,
                              None if quantizer.offset is None else quantizer.offset.detach(), quantizer.binary,

@@ -5,7 +5,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qat.quant.functional import level_range, lsq_fake_quant, lsq_layer
+from qat.quant.functional import _levels, _normalized, _scale, level_range, lsq_fake_quant, lsq_layer
 
 INITS = ("lsq", "minmax", "mse")
 MSE_GRID = 2.0 ** torch.linspace(-6, 1, 57)  # candidate multiples of the LSQ init, 1/8-octave apart
@@ -92,6 +92,17 @@ class LSQQuantizer(nn.Module):
         """op.forward(self(x), weight, bias), keeping x but not self(x) for backward (`lsq_layer`)."""
         self._ready(x)
         return lsq_layer(op, x, weight, bias, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps)
+
+    @torch.no_grad()
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """(x - offset) / max(step, eps) in float32, as the forward computes it."""
+        offset = None if self.offset is None else self.offset.detach()
+        return _normalized(x.detach(), _scale(self.step, self.eps), offset)
+
+    @torch.no_grad()
+    def levels(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer level (as float32) the forward gives each element of x."""
+        return _levels(self.normalized(x), self.qmin, self.qmax, self.binary)
 
     @torch.no_grad()
     def initialize_(self, x: torch.Tensor) -> None:
