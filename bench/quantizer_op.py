@@ -1,7 +1,8 @@
 """Our fused LSQ op vs torch's learnable fake-quant and the textbook autograd LSQ: fwd+bwd time, memory, values.
 
     python -m bench.quantizer_op               # 128x65x256 activation, 512x256 weight per-tensor/per-channel
-    python -m bench.quantizer_op --compile     # also torch.compile'd variants of ours and of the textbook LSQ
+    python -m bench.quantizer_op --compile     # also ours as compiled kernels (trainer.compile=quantizers) and
+                                               # torch.compile'd ours and textbook LSQ
 
 The definitions coincide for zero_point 0, quant_min = Qn, quant_max = Qp and grad_factor = 1/sqrt(Qp*numel),
 except that torch's gradients test the range after rounding (round(v) in [Qn, Qp]) and LSQ before
@@ -58,7 +59,10 @@ def variants(compile_too: bool) -> dict:
         return torch._fake_quantize_learnable_per_tensor_affine(
             a["x"], a["step"], a["zero_point"], a["qmin"], a["qmax"], a["grad_factor"])
     fns = {BASE: torch_op, "ours": ours, "reference": reference}
+    def ours_kernels(a):
+        return lsq_fake_quant(a["x"], broadcast_step(a), a["qmin"], a["qmax"], compiled=True)
     if compile_too:
+        fns["ours+kernels"] = ours_kernels
         fns["ours+compile"] = torch.compile(ours)
         fns["reference+compile"] = torch.compile(reference)
     return fns
@@ -152,7 +156,8 @@ def markdown(results: list[dict], targets: list[dict], args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.split("\n")[0])
-    parser.add_argument("--compile", action="store_true", help="add torch.compile'd ours and textbook LSQ")
+    parser.add_argument("--compile", action="store_true",
+                        help="add ours as compiled kernels and torch.compile'd ours and textbook LSQ")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--iters", type=int, default=5, help="fwd+bwd calls per timed slot")
     parser.add_argument("--warmup", type=int, default=2)
@@ -169,6 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         target(f"{first}: ours / textbook saved-for-backward bytes", ours["saved_bytes"] / ref["saved_bytes"], 1.0),
         target(f"{first}: ours / textbook peak memory",
                ours["memory"]["peak_bytes"] / ref["memory"]["peak_bytes"], 1.0)]
+    if "ours+kernels" in main_case:
+        result["targets"].append(target(f"{first}: ours as compiled kernels / torch fwd+bwd time",
+                                        main_case["ours+kernels"]["ratio_to_torch"]["median"], 1.0))
     result["cases"] = results
     write_results(args, result, markdown(results, result["targets"], args), "quantizer_op")
 

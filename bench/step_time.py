@@ -4,6 +4,9 @@
     python -m bench.step_time --models cct_7_3x1_32 --name step_time_cct
     python -m bench.step_time --configs fp,act2b,w2a2,act2b_attn --compile    # -> step_time_compile
 
+With --compile every config also runs as '<config>+kernels' (eager model, quantizer math as compiled kernels:
+trainer.compile=quantizers) and '<config>+compile' (the whole student compiled: trainer.compile=true).
+
 A step is what training runs, built from the library: qat.module.LitClassifier.training_step (student
 forward; with KD the teacher forward under no_grad in eval mode and qat.distill.DistillLoss, features and
 embedding MSE included) -> backward -> the AdamW of LitClassifier.configure_optimizers -> clamp_steps_.
@@ -18,7 +21,7 @@ from bench.common import (base_parser, csv, interleave, md_table, peak_memory, s
 from qat.distill import DistillLoss
 from qat.models import create_model
 from qat.module import LitClassifier, OptimConfig
-from qat.quant import QuantConfig, clamp_steps_, quantize_
+from qat.quant import QuantConfig, clamp_steps_, compile_quantizers, quantize_
 
 A2 = {"bits": 2}
 CONFIGS = {  # name: (QuantConfig kwargs or None, KD on, embedding-MSE alpha)
@@ -32,6 +35,7 @@ CONFIGS = {  # name: (QuantConfig kwargs or None, KD on, embedding-MSE alpha)
 }
 TEACHER = "teacher_fwd"  # standalone no-grad forward of the KD teacher, timed like a config
 COMPILED = "+compile"
+KERNELS = "+kernels"
 
 
 def check_configs(parser, configs: list[str]) -> None:
@@ -40,25 +44,31 @@ def check_configs(parser, configs: list[str]) -> None:
         parser.error(f"--configs {','.join(unknown or configs)}: use names from {list(CONFIGS)}, 'fp' included")
 
 
+def base_config(config: str) -> str:
+    return config.removesuffix(COMPILED).removesuffix(KERNELS)
+
+
 def quantized_model(model_name: str, config: str, calib: torch.Tensor) -> torch.nn.Module:
     """`model_name` quantized as `config`, quantizer steps initialised by a train-mode forward on `calib`."""
     model = create_model(model_name).to(calib.device)
-    quant = CONFIGS[config.removesuffix(COMPILED)][0]
+    quant = CONFIGS[base_config(config)][0]
     if quant is not None:
         quantize_(model, QuantConfig(**quant))
+        if config.endswith(KERNELS):
+            compile_quantizers(model)
         with torch.no_grad():
             model.train()(calib)
     return model.train()
 
 
 def build_step(model_name: str, config: str, batch: int, device: str, seed: int = 0):
-    """A training step of `config` (a CONFIGS name, optionally + '+compile'): step() on a fixed random batch,
+    """A training step of `config` (a CONFIGS name, maybe + KERNELS or COMPILED): step() on a fixed random batch,
     step((x, y)) on a given one."""
     torch.manual_seed(seed)
     x = torch.randn(batch, 3, 32, 32, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     model = quantized_model(model_name, config, x)
-    _, kd, mse_alpha = CONFIGS[config.removesuffix(COMPILED)]
+    _, kd, mse_alpha = CONFIGS[base_config(config)]
     teacher = create_model(model_name).to(device).eval().requires_grad_(False) if kd else None
     lit = LitClassifier(model, OptimConfig(epochs=300), {"num_classes": 10}, teacher=teacher,
                         distill=DistillLoss(mse_alpha=mse_alpha) if kd else None).to(device)
@@ -89,7 +99,7 @@ def teacher_forward(model_name: str, batch: int, device: str):
 def measure(args, model_name: str, batch: int) -> list[dict]:
     steps = {c: build_step(model_name, c, batch, args.device) for c in args.configs}
     memory = {c: peak_memory(step, args.device) for c, step in steps.items()} if args.memory else {}
-    if any(CONFIGS[c.removesuffix(COMPILED)][1] for c in args.configs):
+    if any(CONFIGS[base_config(c)][1] for c in args.configs):
         steps[TEACHER] = teacher_forward(model_name, batch, args.device)
     timings = interleave(steps, "fp", args.rounds, args.device, repeat=args.steps, warmup=0 if memory else 1,
                          budget_s=args.budget * 60)
@@ -115,7 +125,8 @@ def kd_extra(rows: list[dict], kd: str = "act2b_kd", base: str = "act2b") -> flo
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets; with --compile also the time ones between compiled steps (a / fp, both compiled)."""
+    """The issue's targets; with --compile also the time ones with compiled quantizer kernels (a+kernels / fp,
+    eager model) and between compiled steps (a / fp, both compiled)."""
     ratios = {r["config"]: r["ratio"]["all"] for r in rows}
     where = f"{rows[0]['model']} b{rows[0]['batch']}"
 
@@ -128,6 +139,11 @@ def check_targets(rows: list[dict]) -> list[dict]:
                target(f"{where}: act2b+attn step / FP step", ratio("act2b_attn"), 1.30),
                target(f"{where}: KD extra time / teacher no-grad forward", kd_extra(rows), 1.1),
                target(f"{where}: w2a2 peak memory / FP peak memory", memory.get("w2a2"), 1.25)]
+    if "w2a2" + KERNELS in ratios:
+        targets += [target(f"{where}: w2a2 step / FP step, compiled quantizer kernels",
+                           ratio("w2a2" + KERNELS), 1.15),
+                    target(f"{where}: act2b+attn step / FP step, compiled quantizer kernels",
+                           ratio("act2b_attn" + KERNELS), 1.30)]
     if "fp" + COMPILED in ratios:
         targets += [target(f"{where}: w2a2 step / FP step, both compiled", ratio("w2a2", COMPILED), 1.15),
                     target(f"{where}: act2b+attn step / FP step, both compiled", ratio("act2b_attn", COMPILED), 1.30)]
@@ -155,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=csv, default="vit_6_4_32")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in csv(s)], default="128,32")
     parser.add_argument("--configs", type=csv, default=",".join(CONFIGS))
-    parser.add_argument("--compile", action="store_true", help="add a torch.compile'd twin of every config")
+    parser.add_argument("--compile", action="store_true",
+                        help="add twins of every config with compiled quantizer kernels / the whole step compiled")
     parser.add_argument("--rounds", type=int, default=5, help="at most this many interleaved rounds")
     parser.add_argument("--budget", type=float, default=2.0, help="minutes of timing rounds per model and batch")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed slot")
@@ -165,7 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         args.models, args.batches, args.rounds = ["vit_2_4_32"], [8], 1
     check_configs(parser, args.configs)
     if args.compile:
-        args.configs = args.configs + [c + COMPILED for c in args.configs]
+        args.configs = (args.configs + [c + KERNELS for c in args.configs if CONFIGS[c][0] is not None]
+                        + [c + COMPILED for c in args.configs])
     result = start(args)
     runs = [measure(args, m, b) for m in args.models for b in args.batches]
     result["targets"] = [t for rows in runs for t in check_targets(rows)]

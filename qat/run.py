@@ -16,7 +16,7 @@ from qat.checkpoint import init_from, resolve_checkpoint, resolve_reference
 from qat.data import build_mixup
 from qat.distill import DistillLoss, load_teacher, resolve_teacher_checkpoint, sha256_file
 from qat.module import LitClassifier, OptimConfig
-from qat.quant import QuantConfig, quantize_, quantizers
+from qat.quant import QuantConfig, compile_quantizers, quantize_, quantizers
 from qat.telemetry import QuantTelemetry
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,9 @@ def hydra_facts() -> dict:
         return {"overrides": [], "choices": {}}
     hc = HydraConfig.get()
     return {"overrides": list(hc.overrides.task), "choices": dict(hc.runtime.choices)}
+
+
+COMPILE_MODES = (False, True, "quantizers")
 
 
 def build_student(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
@@ -145,10 +148,15 @@ def train(cfg: DictConfig) -> dict:
     if recipe["quant"] is not None and cfg.telemetry.every_n_steps:
         callbacks.append(QuantTelemetry(**plain(cfg.telemetry)))
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
-    compile_model = trainer_cfg.pop("compile", False)
+    compile_mode = trainer_cfg.pop("compile", False)
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"trainer.compile={compile_mode!r}: use one of {list(COMPILE_MODES)} (true: the whole "
+                         "student; quantizers: only the LSQ math, as compiled kernels, the model stays eager)")
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                           plugins=[AtomicCheckpointIO()], default_root_dir=str(output_dir))
-    if compile_model:
+    if compile_mode == "quantizers":
+        log.info("compiled LSQ kernels for %d quantizers", sum(compile_quantizers(m) for m in (model, teacher) if m))
+    elif compile_mode:
         model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
 
     optim = OptimConfig(**plain(cfg.optim))

@@ -7,7 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from qat import load_model
-from qat.quant import QuantLinear, quantizers
+from qat.quant import QuantLinear, kernels, quantizers
 from qat.run import train
 
 FAMILIES = {
@@ -31,6 +31,22 @@ def test_attention_quantized_run_trains_and_initialises_every_quantizer(make_cfg
     named = list(quantizers(load_model(Path(cfg.paths.output_dir))))
     assert len(named) == 2 * (4 + 4)  # per block: 4 linear inputs + q, k, v, softmax output
     assert all(q.is_initialized and torch.isfinite(q.step).all() and (q.step > 0).all() for _, q in named)
+
+
+@pytest.mark.slow
+def test_compiled_quantizer_kernels_train_with_kd(make_cfg, monkeypatch):
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_failed", set())
+    train(make_cfg("quant=act4b", run_name="teacher"))  # a quantized teacher: its quantizers are compiled too
+    metrics = train(make_cfg("trainer.fast_dev_run=true", "quant=act2b_attn", "trainer.compile=quantizers",
+                             "kd=vit_4b", "kd.model.name=vit_2_4_32", run_name="student"))
+    assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
+    assert set(kernels._compiled) == {kernels._fake_quant, kernels._grads} and not kernels._failed
+
+
+def test_unknown_compile_mode_lists_the_valid_ones(make_cfg):
+    with pytest.raises(ValueError, match=r"trainer.compile='fast': use one of \[False, True, 'quantizers'\]"):
+        train(make_cfg("trainer.compile=fast"))
 
 
 def test_run_writes_checkpoints_metrics_and_summary(make_cfg):

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from qat.quant import kernels
+
 
 def level_range(bits: int, signed: bool, symmetric: bool) -> tuple[int, int]:
     """Integer range [qmin, qmax] of a quantizer (reference §3.3; 1-bit signed is sign: {-1, +1}).
@@ -143,6 +145,11 @@ def _sum_of_products(a: torch.Tensor, b: torch.Tensor, shape: torch.Size) -> tor
     return a.mul_(b).sum_to_size(shape)
 
 
+def _grad_scaled(total: torch.Tensor, param: torch.Tensor, qmax: int, numel: int) -> torch.Tensor:
+    """A step/offset gradient sum times LSQ's g = 1/sqrt(qmax * numel(x)), shaped and typed like `param`."""
+    return (total * (1.0 / math.sqrt(qmax * numel))).reshape(param.shape).to(param.dtype)
+
+
 def _lsq_grads(grad: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, step: torch.Tensor,
                offset: torch.Tensor | None, qmin: int, qmax: int, needs: tuple[bool, bool, bool],
                scratch: torch.Tensor | None = None):
@@ -157,50 +164,59 @@ def _lsq_grads(grad: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, step
     need_dx, need_dstep, need_doffset = needs
     need_doffset = need_doffset and offset is not None
     bounds = _open_bounds(qmin, qmax)
-    gscale = 1.0 / math.sqrt(qmax * v.numel())
     shape = torch.Size(step.shape or (1,))
     dx = dstep = doffset = None
     if scratch is None and (need_dx or need_doffset):
         dx = _where_inside(grad, v, bounds)  # before v is overwritten
     if need_dstep:
         q.sub_(_where_inside(v, v, bounds, out=v if scratch is None else scratch))  # q - v * inside
-        dstep = (_sum_of_products(q, grad, shape) * gscale).reshape(step.shape).to(step.dtype)
+        dstep = _grad_scaled(_sum_of_products(q, grad, shape), step, qmax, v.numel())
     if scratch is not None and (need_dx or need_doffset):
         dx = _where_inside(grad, v, bounds, out=scratch)
     if need_doffset:
         outside = grad.sub_(dx) if scratch is not None else grad - dx
-        doffset = (outside.sum_to_size(shape) * gscale).to(offset.dtype)
+        doffset = _grad_scaled(outside.sum_to_size(shape), offset, qmax, v.numel())
     return dx, dstep, doffset
 
 
 class LSQFakeQuant(torch.autograd.Function):
     """Fused LSQ(+) fake quantization: saves only its inputs, one float32 buffer in forward; backward
-    recomputes v from x and uses only float passes (about 7 over the tensor, no bool masks)."""
+    recomputes v from x and uses only float passes (about 7 over the tensor, no bool masks), or the
+    compiled kernels (`kernels`) when `compiled`."""
 
     @staticmethod
-    def forward(ctx, x, step, offset, qmin: int, qmax: int, binary: bool, eps: float):
+    def forward(ctx, x, step, offset, qmin: int, qmax: int, binary: bool, eps: float, compiled: bool):
         s = _scale(step, eps)
         ctx.save_for_backward(x, step, offset)
-        ctx.lsq = (qmin, qmax, binary, eps)
-        return _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax, binary).to(x.dtype)
+        ctx.lsq = (qmin, qmax, binary, eps, compiled)
+        out = kernels.fake_quant(x, s, offset, qmin, qmax, binary, x.dtype) if compiled else None
+        return out if out is not None else _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax,
+                                                        binary).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
         x, step, offset = ctx.saved_tensors
-        qmin, qmax, binary, eps = ctx.lsq
+        qmin, qmax, binary, eps, compiled = ctx.lsq
         needs = ctx.needs_input_grad[:3]
-        v = _normalized(x, _scale(step, eps), offset)
-        q = _levels(v, qmin, qmax, binary) if needs[1] else None
-        dx, dstep, doffset = _lsq_grads(grad.float(), v, q, step, offset, qmin, qmax, needs)
-        return (dx.to(x.dtype) if needs[0] else None), dstep, doffset, None, None, None, None
+        s = _scale(step, eps)
+        fused = kernels.grads(x, s, offset, grad, qmin, qmax, binary) if compiled else None
+        if fused is None:
+            v = _normalized(x, s, offset)
+            q = _levels(v, qmin, qmax, binary) if needs[1] else None
+            dx, dstep, doffset = _lsq_grads(grad.float(), v, q, step, offset, qmin, qmax, needs)
+            return (dx.to(x.dtype) if needs[0] else None), dstep, doffset, None, None, None, None, None
+        dx, dstep, doffset, _ = fused
+        return ((dx if needs[0] else None), _grad_scaled(dstep, step, qmax, x.numel()) if needs[1] else None,
+                _grad_scaled(doffset, offset, qmax, x.numel()) if needs[2] else None, None, None, None, None, None)
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, offset: torch.Tensor | None = None,
-                   binary: bool = False, eps: float = 1e-5) -> torch.Tensor:
+                   binary: bool = False, eps: float = 1e-5, compiled: bool = False) -> torch.Tensor:
     """LSQ(+) fake quantization of `x`: q * max(step, eps) + offset with q in [qmin, qmax] (sign if `binary`).
 
-    `step`/`offset` are (1,) per tensor or (C, 1, ...) per channel; the result has x's dtype.
+    `step`/`offset` are (1,) per tensor or (C, 1, ...) per channel; the result has x's dtype. `compiled`
+    runs the elementwise math as compiled kernels (`kernels`), falling back to eager if compiling fails.
 
     >>> x = torch.tensor([-1.0, -0.2, 0.1, 0.35, 1.5], requires_grad=True)
     >>> s = torch.tensor([0.5], requires_grad=True)
@@ -208,7 +224,7 @@ def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, of
     >>> y.detach(), x.grad, s.grad  # ds = (-1 + 0.4 - 0.2 + 0.3 + 1) / sqrt(1 * 5)
     (tensor([-0.5000, -0.0000,  0.0000,  0.5000,  0.5000]), tensor([0., 1., 1., 1., 0.]), tensor([0.2236]))
     """
-    return LSQFakeQuant.apply(x, step, offset, qmin, qmax, binary, eps)
+    return LSQFakeQuant.apply(x, step, offset, qmin, qmax, binary, eps, compiled)
 
 
 class LinearOp:
@@ -265,14 +281,17 @@ class LSQInputLayer(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, step, offset, weight, bias, op, qmin: int, qmax: int, binary: bool, eps: float):
+    def forward(ctx, x, step, offset, weight, bias, op, qmin: int, qmax: int, binary: bool, eps: float,
+                compiled: bool):
         s = _scale(step, eps)
         dtype = _compute_dtype(x)
-        xq = _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax, binary).to(dtype)
+        xq = kernels.fake_quant(x, s, offset, qmin, qmax, binary, dtype) if compiled else None
+        if xq is None:
+            xq = _fake_quant_(_normalized(x, s, offset), s, offset, qmin, qmax, binary).to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             y = op.forward(xq, weight.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, step, offset, weight)
-        ctx.op, ctx.lsq, ctx.dtype = op, (qmin, qmax, binary, eps), dtype
+        ctx.op, ctx.lsq, ctx.dtype = op, (qmin, qmax, binary, eps, compiled), dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -280,34 +299,44 @@ class LSQInputLayer(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         x, step, offset, weight = ctx.saved_tensors
-        qmin, qmax, binary, eps = ctx.lsq
+        qmin, qmax, binary, eps, compiled = ctx.lsq
         need_x, need_step, need_offset, need_w, need_b = ctx.needs_input_grad[:5]
         s = _scale(step, eps)
-        v = _normalized(x, s, offset)
-        q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
         w = weight.to(ctx.dtype)
-        xq = None
-        if need_w:
-            xq = (q * s).add_(offset.float()) if offset is not None else q * s
-        dw, db = ctx.op.param_grads(grad, None if xq is None else xq.to(ctx.dtype), w, need_w, need_b)
-        dx = dstep = doffset = None
-        if need_x or need_step or need_offset:
-            dxq = ctx.op.input_grad(grad, x.shape, w).float()
-            scratch = xq if xq is not None else torch.empty_like(v)  # Q(x) is no longer needed: dx goes there
-            dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax, (need_x, need_step, need_offset),
-                                            scratch)
+        fused = None
+        if compiled and (need_x or need_step or need_offset):
+            fused = kernels.grads(x, s, offset, ctx.op.input_grad(grad, x.shape, w), qmin, qmax, binary,
+                                  ctx.dtype if need_w else None)
+        if fused is not None:
+            dx, dstep, doffset, xq = fused
+            dw, db = ctx.op.param_grads(grad, xq, w, need_w, need_b)
+            dstep = _grad_scaled(dstep, step, qmax, x.numel()) if need_step else None
+            doffset = _grad_scaled(doffset, offset, qmax, x.numel()) if need_offset else None
+        else:
+            v = _normalized(x, s, offset)
+            q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
+            xq = None
+            if need_w:
+                xq = (q * s).add_(offset.float()) if offset is not None else q * s
+            dw, db = ctx.op.param_grads(grad, None if xq is None else xq.to(ctx.dtype), w, need_w, need_b)
+            dx = dstep = doffset = None
+            if need_x or need_step or need_offset:
+                dxq = ctx.op.input_grad(grad, x.shape, w).float()
+                scratch = xq if xq is not None else torch.empty_like(v)  # Q(x) is no longer needed: dx goes there
+                dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax,
+                                                (need_x, need_step, need_offset), scratch)
         return ((dx.to(x.dtype) if need_x else None), dstep, doffset, None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None)
+                None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None, None)
 
 
 def lsq_layer(op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, step: torch.Tensor,
               qmin: int, qmax: int, offset: torch.Tensor | None = None, binary: bool = False,
-              eps: float = 1e-5) -> torch.Tensor:
+              eps: float = 1e-5, compiled: bool = False) -> torch.Tensor:
     """op.forward(lsq_fake_quant(x, ...), weight, bias) with the same values and gradients, keeping only x for
-    backward; `op` is `LinearOp` or a `Conv2dOp`.
+    backward; `op` is `LinearOp` or a `Conv2dOp`; `compiled` as in `lsq_fake_quant`.
 
     >>> x, w = torch.tensor([[0.3, -0.8]]), torch.tensor([[1.0, 2.0]])
     >>> lsq_layer(LinearOp, x, w, None, torch.tensor([0.5]), -1, 1)  # Q(x) = [0.5, -0.5]
     tensor([[-0.5000]])
     """
-    return LSQInputLayer.apply(x, step, offset, weight, bias, op, qmin, qmax, binary, eps)
+    return LSQInputLayer.apply(x, step, offset, weight, bias, op, qmin, qmax, binary, eps, compiled)

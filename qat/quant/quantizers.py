@@ -47,6 +47,7 @@ class LSQQuantizer(nn.Module):
         self.offset = nn.Parameter(torch.zeros(shape)) if learnable_offset else None
         self.register_buffer("initialized", torch.zeros(()))  # float: broadcastable by gloo/NCCL
         self.enabled = True
+        self.compiled = False  # run the LSQ math as compiled kernels (qat.quant.kernels)
         self.name = ""  # fully qualified name, set by quantize_ (for error messages)
         self._initialized: bool | None = None  # cached flag; avoids a host sync per forward
 
@@ -81,7 +82,7 @@ class LSQQuantizer(nn.Module):
         if not self.enabled:
             return x
         self._ready(x)
-        return lsq_fake_quant(x, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps)
+        return lsq_fake_quant(x, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps, self.compiled)
 
     def fusable(self) -> bool:
         """Whether a layer may apply this quantizer inside its own autograd function (`layer`): it is enabled
@@ -91,7 +92,8 @@ class LSQQuantizer(nn.Module):
     def layer(self, op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """op.forward(self(x), weight, bias), keeping x but not self(x) for backward (`lsq_layer`)."""
         self._ready(x)
-        return lsq_layer(op, x, weight, bias, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps)
+        return lsq_layer(op, x, weight, bias, self.step, self.qmin, self.qmax, self.offset, self.binary, self.eps,
+                         self.compiled)
 
     @torch.no_grad()
     def normalized(self, x: torch.Tensor) -> torch.Tensor:
@@ -153,12 +155,22 @@ class LSQQuantizer(nn.Module):
             parts.append("learnable_offset=True")
         if not self.enabled:
             parts.append("enabled=False")
+        if self.compiled:
+            parts.append("compiled=True")
         return ", ".join(parts)
 
 
 def quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
     """(name, quantizer) for every LSQQuantizer in `model`."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LSQQuantizer))
+
+
+def compile_quantizers(model: nn.Module) -> int:
+    """Run every quantizer's LSQ math as compiled kernels (qat.quant.kernels); returns how many there are."""
+    found = list(quantizers(model))
+    for _, q in found:
+        q.compiled = True
+    return len(found)
 
 
 @torch.no_grad()
