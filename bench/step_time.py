@@ -2,10 +2,10 @@
 
     python -m bench.step_time                                   # vit_6_4_32, batch 128 and 32
     python -m bench.step_time --models cct_7_3x1_32 --name step_time_cct
-    python -m bench.step_time --configs fp,act2b,w2a2,act2b_attn --compile    # -> step_time_compile
+    python -m bench.step_time --configs fp,act2b,w2a2,act2b_attn --kernels --compile  # -> step_time_compile
 
-With --compile every config also runs as '<config>+kernels' (eager model, quantizer math as compiled kernels:
-trainer.compile=quantizers) and '<config>+compile' (the whole student compiled: trainer.compile=true).
+--kernels adds '<config>+kernels' for the quantized configs (eager model, the quantizer math as compiled
+kernels: trainer.compile=quantizers), --compile '<config>+compile' (the whole student: trainer.compile=true).
 
 A step is what training runs, built from the library: qat.module.LitClassifier.training_step (student
 forward; with KD the teacher forward under no_grad in eval mode and qat.distill.DistillLoss, features and
@@ -125,8 +125,8 @@ def kd_extra(rows: list[dict], kd: str = "act2b_kd", base: str = "act2b") -> flo
 
 
 def check_targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets; with --compile also the time ones with compiled quantizer kernels (a+kernels / fp,
-    eager model) and between compiled steps (a / fp, both compiled)."""
+    """The issue's targets; the time ones also with compiled quantizer kernels (a+kernels / fp, eager model)
+    and between compiled steps (a / fp, both compiled) where those were measured."""
     ratios = {r["config"]: r["ratio"]["all"] for r in rows}
     where = f"{rows[0]['model']} b{rows[0]['batch']}"
 
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", type=csv, default="vit_6_4_32")
     parser.add_argument("--batches", type=lambda s: [int(b) for b in csv(s)], default="128,32")
     parser.add_argument("--configs", type=csv, default=",".join(CONFIGS))
-    parser.add_argument("--compile", action="store_true",
-                        help="add twins of every config with compiled quantizer kernels / the whole step compiled")
+    parser.add_argument("--kernels", action="store_true", help="add twins with compiled quantizer kernels")
+    parser.add_argument("--compile", action="store_true", help="add twins with the whole student compiled")
     parser.add_argument("--rounds", type=int, default=5, help="at most this many interleaved rounds")
     parser.add_argument("--budget", type=float, default=2.0, help="minutes of timing rounds per model and batch")
     parser.add_argument("--steps", type=int, default=1, help="steps per timed slot")
@@ -181,9 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.smoke:
         args.models, args.batches, args.rounds = ["vit_2_4_32"], [8], 1
     check_configs(parser, args.configs)
-    if args.compile:
-        args.configs = (args.configs + [c + KERNELS for c in args.configs if CONFIGS[c][0] is not None]
-                        + [c + COMPILED for c in args.configs])
+    args.configs = (args.configs + [c + KERNELS for c in args.configs if args.kernels and CONFIGS[c][0] is not None]
+                    + [c + COMPILED for c in args.configs if args.compile])
     result = start(args)
     runs = [measure(args, m, b) for m in args.models for b in args.batches]
     result["targets"] = [t for rows in runs for t in check_targets(rows)]

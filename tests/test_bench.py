@@ -115,7 +115,7 @@ def test_peak_memory_counts_tensors_alive_together():
 
 @pytest.mark.slow
 def test_compile_smoke(tmp_path):
-    step_time.main(["--smoke", "--out", str(tmp_path), "--configs", "fp,w2a2", "--compile"])
+    step_time.main(["--smoke", "--out", str(tmp_path), "--configs", "fp,w2a2", "--kernels", "--compile"])
     rows = json.loads((tmp_path / "step_time_compile.json").read_text())["rows"]
     assert [r["config"] for r in rows] == ["fp", "w2a2", "w2a2+kernels", "fp+compile", "w2a2+compile"]
     quantizer_op.main(["--smoke", "--out", str(tmp_path), "--compile"])
