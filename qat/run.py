@@ -155,7 +155,8 @@ def train(cfg: DictConfig) -> dict:
     trainer = instantiate(trainer_cfg, callbacks=callbacks, logger=loggers,
                           plugins=[AtomicCheckpointIO()], default_root_dir=str(output_dir))
     if compile_mode == "quantizers":
-        log.info("compiled LSQ kernels for %d quantizers", sum(compile_quantizers(m) for m in (model, teacher) if m))
+        count = sum(compile_quantizers(m) for m in (model, teacher) if m is not None)
+        log.info("compiled LSQ kernels for %d quantizers (student and teacher)", count)
     elif compile_mode:
         model.compile()  # in place: state_dict keys and checkpoints stay those of the plain model
 
