@@ -150,6 +150,18 @@ def _grad_scaled(total: torch.Tensor, param: torch.Tensor, qmax: int, numel: int
     return (total * (1.0 / math.sqrt(qmax * numel))).reshape(param.shape).to(param.dtype)
 
 
+def _compiled_grads(x, s, step, offset, grad, qmin: int, qmax: int, binary: bool, needs: tuple[bool, bool, bool],
+                    xq_dtype: torch.dtype | None = None):
+    """(dx, dstep, doffset, Q(x) or None) from the compiled kernels, None where not needed (as `_lsq_grads`);
+    None if compiling failed."""
+    fused = kernels.grads(x, s, offset, grad, qmin, qmax, binary, xq_dtype)
+    if fused is None:
+        return None
+    dx, dstep, doffset, xq = fused
+    return ((dx if needs[0] else None), _grad_scaled(dstep, step, qmax, x.numel()) if needs[1] else None,
+            _grad_scaled(doffset, offset, qmax, x.numel()) if needs[2] else None, xq)
+
+
 def _lsq_grads(grad: torch.Tensor, v: torch.Tensor, q: torch.Tensor | None, step: torch.Tensor,
                offset: torch.Tensor | None, qmin: int, qmax: int, needs: tuple[bool, bool, bool],
                scratch: torch.Tensor | None = None):
@@ -200,15 +212,13 @@ class LSQFakeQuant(torch.autograd.Function):
         qmin, qmax, binary, eps, compiled = ctx.lsq
         needs = ctx.needs_input_grad[:3]
         s = _scale(step, eps)
-        fused = kernels.grads(x, s, offset, grad, qmin, qmax, binary) if compiled else None
-        if fused is None:
-            v = _normalized(x, s, offset)
-            q = _levels(v, qmin, qmax, binary) if needs[1] else None
-            dx, dstep, doffset = _lsq_grads(grad.float(), v, q, step, offset, qmin, qmax, needs)
-            return (dx.to(x.dtype) if needs[0] else None), dstep, doffset, None, None, None, None, None
-        dx, dstep, doffset, _ = fused
-        return ((dx if needs[0] else None), _grad_scaled(dstep, step, qmax, x.numel()) if needs[1] else None,
-                _grad_scaled(doffset, offset, qmax, x.numel()) if needs[2] else None, None, None, None, None, None)
+        fused = _compiled_grads(x, s, step, offset, grad, qmin, qmax, binary, needs) if compiled else None
+        if fused is not None:
+            return (*fused[:3], None, None, None, None, None)
+        v = _normalized(x, s, offset)
+        q = _levels(v, qmin, qmax, binary) if needs[1] else None
+        dx, dstep, doffset = _lsq_grads(grad.float(), v, q, step, offset, qmin, qmax, needs)
+        return (dx.to(x.dtype) if needs[0] else None), dstep, doffset, None, None, None, None, None
 
 
 def lsq_fake_quant(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, offset: torch.Tensor | None = None,
@@ -301,17 +311,16 @@ class LSQInputLayer(torch.autograd.Function):
         x, step, offset, weight = ctx.saved_tensors
         qmin, qmax, binary, eps, compiled = ctx.lsq
         need_x, need_step, need_offset, need_w, need_b = ctx.needs_input_grad[:5]
+        needs = (need_x, need_step, need_offset)
         s = _scale(step, eps)
         w = weight.to(ctx.dtype)
         fused = None
-        if compiled and (need_x or need_step or need_offset):
-            fused = kernels.grads(x, s, offset, ctx.op.input_grad(grad, x.shape, w), qmin, qmax, binary,
-                                  ctx.dtype if need_w else None)
+        if compiled and any(needs):
+            fused = _compiled_grads(x, s, step, offset, ctx.op.input_grad(grad, x.shape, w), qmin, qmax, binary,
+                                    needs, ctx.dtype if need_w else None)
         if fused is not None:
             dx, dstep, doffset, xq = fused
             dw, db = ctx.op.param_grads(grad, xq, w, need_w, need_b)
-            dstep = _grad_scaled(dstep, step, qmax, x.numel()) if need_step else None
-            doffset = _grad_scaled(doffset, offset, qmax, x.numel()) if need_offset else None
         else:
             v = _normalized(x, s, offset)
             q = _levels(v, qmin, qmax, binary) if need_step or need_w else None
@@ -320,11 +329,10 @@ class LSQInputLayer(torch.autograd.Function):
                 xq = (q * s).add_(offset.float()) if offset is not None else q * s
             dw, db = ctx.op.param_grads(grad, None if xq is None else xq.to(ctx.dtype), w, need_w, need_b)
             dx = dstep = doffset = None
-            if need_x or need_step or need_offset:
+            if any(needs):
                 dxq = ctx.op.input_grad(grad, x.shape, w).float()
                 scratch = xq if xq is not None else torch.empty_like(v)  # Q(x) is no longer needed: dx goes there
-                dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax,
-                                                (need_x, need_step, need_offset), scratch)
+                dx, dstep, doffset = _lsq_grads(dxq, v, q, step, offset, qmin, qmax, needs, scratch)
         return ((dx.to(x.dtype) if need_x else None), dstep, doffset, None if dw is None else dw.to(weight.dtype),
                 None if db is None else db.to(ctx.bias_dtype), None, None, None, None, None, None)
 

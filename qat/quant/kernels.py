@@ -2,8 +2,9 @@
 gradient in backward, instead of the ~11 passes of the eager ops (`trainer.compile=quantizers`).
 
 Same formulas as the eager path in `functional`: on CPU the values and dx are bit-exact (tested), the
-step/offset gradient sums add in another order. Shapes, strides and the level range are dynamic, so one compiled kernel serves every layer of a
-rank. If compiling fails (no C++ compiler, no Triton) the call warns once and quantizers run eagerly.
+step/offset gradient sums add in another order. Shapes, strides and the level range are dynamic, so one
+compiled kernel serves every layer of a rank. If compiling fails (no C++ compiler, no Triton) the call
+warns once and quantizers run eagerly.
 """
 import warnings
 
