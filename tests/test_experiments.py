@@ -106,19 +106,19 @@ def test_config_matches_its_log_words(configs, name):
     # distillation: the teacher row, resolved by run id
     teacher = expected_teacher(rid, words)
     if teacher is None:
-        assert cfg.kd.model is None
+        assert cfg.kd.teacher.model is None
     else:
-        assert cfg.kd.checkpoint == f"experiment:log/{teacher}"
-        assert cfg.kd.model.name == TEACHERS[teacher]
-        assert (cfg.kd.quant.act.bits if cfg.kd.quant else None) == (4 if teacher == "25878" else None)
-    assert cfg.kd.mse_alpha == number(r"mse(?: all layers)?, alpha ([\d.]+)", words, 0.0)
-    assert cfg.kd.mse_layers == ("all" if "mse all layers" in words else "last")
-    assert cfg.kd.two_head_alpha == number(r"two head ([\d.]+)", words, None)
+        assert cfg.kd.teacher.checkpoint == f"experiment:log/{teacher}"
+        assert cfg.kd.teacher.model.name == TEACHERS[teacher]
+        assert (cfg.kd.teacher.quant.act.bits if cfg.kd.teacher.quant else None) == (4 if teacher == "25878" else None)
+    assert cfg.kd.loss.mse_alpha == number(r"mse(?: all layers)?, alpha ([\d.]+)", words, 0.0)
+    assert cfg.kd.loss.mse_layers == ("all" if "mse all layers" in words else "last")
+    assert cfg.kd.loss.two_head_alpha == number(r"two head ([\d.]+)", words, None)
     assert cfg.model.label_head == ("two head" in words)
     # two-step QAT and dependencies
     init = re.search(r"wq \((\d+)\)", words)
     assert cfg.init_from == (f"experiment:log/{init[1]}" if init else None)
-    refs = [r.removeprefix("experiment:") for r in (cfg.kd.checkpoint, cfg.init_from) if str(r).startswith("exp")]
+    refs = [r.removeprefix("experiment:") for r in (cfg.kd.teacher.checkpoint, cfg.init_from) if str(r).startswith("exp")]
     assert sorted(cfg.depends_on) == sorted(refs)
 
 
