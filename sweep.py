@@ -23,6 +23,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qat.runs import summaries
+
 ROOT = Path(__file__).resolve().parent
 EXPERIMENTS = ROOT / "conf" / "experiment"
 BUDGETS = ROOT / "conf" / "budget"
@@ -54,20 +56,13 @@ def dependencies(name: str) -> list[str]:
     return list(OmegaConf.load(EXPERIMENTS / f"{name}.yaml").get("depends_on") or [])
 
 
-def summaries(root: Path) -> list[dict]:
-    """Every readable summary.json below `root`, with its path under '_path'."""
-    found = []
-    for path in sorted(Path(root).rglob("summary.json")):
-        try:
-            found.append({**json.loads(path.read_text()), "_path": path})
-        except (OSError, ValueError):
-            continue
-    return found
-
-
 def finished_runs(root: Path) -> dict[str, Path]:
-    """name -> summary.json of a finished run of that experiment below `root`."""
-    return {s["name"]: s["_path"] for s in summaries(root) if s.get("finished") and s.get("name")}
+    """name -> summary.json of the newest finished run of that experiment below `root`."""
+    found: dict[str, Path] = {}
+    for summary in summaries(root, finished=True):
+        if summary.get("name"):
+            found.setdefault(summary["name"], summary["_path"])
+    return found
 
 
 def plan(selected: list[str], done: set[str], with_deps: bool, root: Path) -> list[list[str]]:

@@ -1,7 +1,7 @@
 """Our fused LSQ op vs torch's learnable fake-quant and the textbook autograd LSQ: fwd+bwd time, memory, values.
 
     python -m bench.quantizer_op               # 128x65x256 activation, 512x256 weight per-tensor/per-channel
-    python -m bench.quantizer_op --compile     # also ours as compiled kernels (trainer.compile=quantizers) and
+    python -m bench.quantizer_op --compile     # also ours as compiled kernels (compile=quantizers) and
                                                # torch.compile'd ours and textbook LSQ
 
 The definitions coincide for zero_point 0, quant_min = Qn, quant_max = Qp and grad_factor = 1/sqrt(Qp*numel),

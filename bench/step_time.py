@@ -5,7 +5,7 @@
     python -m bench.step_time --configs fp,act2b,w2a2,act2b_attn --kernels --compile  # -> step_time_compile
 
 --kernels adds '<config>+kernels' for the quantized configs (eager model, the quantizer math as compiled
-kernels: trainer.compile=quantizers), --compile '<config>+compile' (the whole student: trainer.compile=true).
+kernels: compile=quantizers), --compile '<config>+compile' (the whole student: compile=true).
 
 A step is what training runs, built from the library: qat.module.LitClassifier.training_step (student
 forward; with KD the teacher forward under no_grad in eval mode and qat.distill.DistillLoss, features and
@@ -75,7 +75,7 @@ def build_step(model_name: str, config: str, batch: int, device: str, seed: int 
     opt = lit.configure_optimizers()["optimizer"]
     warnings.filterwarnings("ignore", message=".*self.log.*")  # training_step without a Trainer: logs nothing
     if config.endswith(COMPILED):
-        model.compile()  # in place, as trainer.compile=true does
+        model.compile()  # in place, as compile=true does
 
     def step(data=None):
         opt.zero_grad(set_to_none=True)

@@ -43,13 +43,6 @@ def test_kd_kl_is_soft_ce_minus_teacher_entropy():
     close(kd_kl(TEACHER, TEACHER), 0.0)
 
 
-def test_logit_losses_reject_other_classes_and_bad_temperature():
-    with pytest.raises(ValueError, match=r"student logits \(2, 3\) and teacher logits \(2, 4\) differ"):
-        soft_target_ce(STUDENT, torch.zeros(2, 4))
-    with pytest.raises(ValueError, match="temperature=0"):
-        kd_kl(STUDENT, TEACHER, temperature=0)
-
-
 # two feature entries (B=1, T=2, d=2): entry 0 differs by 3 everywhere (MSE 9), entry 1 in one element by 2 (MSE 1)
 S_FEATS = [torch.zeros(1, 2, 2), torch.arange(4.0).view(1, 2, 2)]
 T_FEATS = [torch.full((1, 2, 2), 3.0), torch.tensor([[[0.0, 1.0], [2.0, 5.0]]])]
@@ -67,9 +60,9 @@ def test_embedding_mse_all_needs_equal_depth():
 
 def test_strict_token_mismatch_explains_the_fix():
     with pytest.raises(ValueError, match=r"student \(1, 5, 2\) vs teacher \(1, 4, 2\): token counts differ \(5 vs 4\)"
-                       r".*kd.token_match=last.*kd.token_match=pool"):
+                       r".*kd.loss.token_match=last.*kd.loss.token_match=pool"):
         embedding_mse([torch.zeros(1, 5, 2)], [torch.zeros(1, 4, 2)])
-    with pytest.raises(ValueError, match=r"embedding dims differ \(3 vs 2\): set kd.project=true"):
+    with pytest.raises(ValueError, match=r"embedding dims differ \(3 vs 2\): set kd.loss.project=true"):
         embedding_mse([torch.zeros(1, 4, 3)], [torch.zeros(1, 4, 2)], token_match="last")
 
 
@@ -162,19 +155,19 @@ def test_check_reports_shape_problems_before_training():
     loss.check(STUDENT, TEACHER, S_FEATS, T_FEATS)
     with pytest.raises(ValueError, match="token counts differ"):
         loss.check(STUDENT, TEACHER, [torch.zeros(1, 5, 2)], [torch.zeros(1, 4, 2)])
-    with pytest.raises(ValueError, match="same classes"):
+    with pytest.raises(ValueError, match=r"student logits \(2, 3\) and teacher logits \(2, 4\) differ.*same classes"):
         loss.check(STUDENT, torch.zeros(2, 4), S_FEATS, T_FEATS)
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(kind="mse"), r"kd.kind='mse' is not one of \('soft_ce', 'kl'\)"),
-    (dict(temperature=0.0), r"kd.temperature=0.0 must be > 0"),
-    (dict(mse_alpha=-1.0), r"kd.mse_alpha=-1.0 must be >= 0"),
-    (dict(mse_layers="first"), r"kd.mse_layers='first' is not one of \('last', 'all'\)"),
-    (dict(token_match="crop"), r"kd.token_match='crop' is not one of \('strict', 'last', 'pool'\)"),
-    (dict(two_head_alpha=1.5), r"kd.two_head_alpha=1.5 must be null or in \[0, 1\]"),
-    (dict(two_head_alpha=0.5, hard_weight=1.0), r"kd.hard_weight=1.0 and kd.two_head_alpha=0.5 conflict"),
-    (dict(project=True, mse_alpha=1.0), r"kd.project=true needs student_dim and teacher_dim"),
+    (dict(kind="mse"), r"kd.loss.kind='mse' is not one of \('soft_ce', 'kl'\)"),
+    (dict(temperature=0.0), r"kd.loss.temperature=0.0 must be > 0"),
+    (dict(mse_alpha=-1.0), r"kd.loss.mse_alpha=-1.0 must be >= 0"),
+    (dict(mse_layers="first"), r"kd.loss.mse_layers='first' is not one of \('last', 'all'\)"),
+    (dict(token_match="crop"), r"kd.loss.token_match='crop' is not one of \('strict', 'last', 'pool'\)"),
+    (dict(two_head_alpha=1.5), r"kd.loss.two_head_alpha=1.5 must be null or in \[0, 1\]"),
+    (dict(two_head_alpha=0.5, hard_weight=1.0), r"kd.loss.hard_weight=1.0 and kd.loss.two_head_alpha=0.5 conflict"),
+    (dict(project=True, mse_alpha=1.0), r"kd.loss.project=true needs student_dim and teacher_dim"),
 ])
 def test_distill_loss_rejects_bad_settings(kwargs, message):
     with pytest.raises(ValueError, match=message):

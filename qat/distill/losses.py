@@ -14,18 +14,9 @@ LAYERS = ("last", "all")
 TOKEN_MATCH = ("strict", "last", "pool")
 
 
-def _check_logits(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> None:
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ: teacher and student must predict the same classes")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature!r} must be > 0")
-
-
 def soft_target_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                    temperature: float = 1.0) -> torch.Tensor:
     """T^2 * mean_b(-sum_c softmax(t/T)_c * log_softmax(s/T)_c), in float32 (at T=1: the log's KD loss)."""
-    _check_logits(student_logits, teacher_logits, temperature)
     p_teacher = torch.softmax(teacher_logits.float() / temperature, dim=-1)
     log_p_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     loss = -(p_teacher * log_p_student).sum(dim=-1).mean()
@@ -34,7 +25,6 @@ def soft_target_ce(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 def kd_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch, in float32."""
-    _check_logits(student_logits, teacher_logits, temperature)
     log_p_teacher = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
     log_p_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
     loss = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
@@ -61,12 +51,12 @@ def _align(s: torch.Tensor, t: torch.Tensor, token_match: str, proj: nn.Module |
     problems = []
     if s.shape[1] != t.shape[1]:
         if token_match == "strict":
-            problems.append(f"token counts differ ({s.shape[1]} vs {t.shape[1]}): set kd.token_match=last "
-                            "(student's last N tokens) or kd.token_match=pool (average-pool the longer sequence)")
+            problems.append(f"token counts differ ({s.shape[1]} vs {t.shape[1]}): set kd.loss.token_match=last "
+                            "(student's last N tokens) or kd.loss.token_match=pool (average-pool the longer sequence)")
         elif token_match == "last":
             if s.shape[1] < t.shape[1]:
-                problems.append(f"kd.token_match=last needs at least as many student tokens as teacher tokens "
-                                f"({s.shape[1]} < {t.shape[1]}): use kd.token_match=pool")
+                problems.append(f"kd.loss.token_match=last needs at least as many student tokens as teacher tokens "
+                                f"({s.shape[1]} < {t.shape[1]}): use kd.loss.token_match=pool")
             else:
                 s = s[:, -t.shape[1]:]
         elif s.shape[1] > t.shape[1]:
@@ -74,7 +64,7 @@ def _align(s: torch.Tensor, t: torch.Tensor, token_match: str, proj: nn.Module |
         else:
             t = _pool_tokens(t, s.shape[1])
     if s.shape[-1] != t.shape[-1]:
-        problems.append(f"embedding dims differ ({s.shape[-1]} vs {t.shape[-1]}): set kd.project=true "
+        problems.append(f"embedding dims differ ({s.shape[-1]} vs {t.shape[-1]}): set kd.loss.project=true "
                         "(learned linear map student -> teacher dim)")
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
@@ -93,15 +83,11 @@ def embedding_mse(student_feats: list[torch.Tensor], teacher_feats: list[torch.T
             'pool' (adaptive average pooling of the longer sequence to the shorter one).
         proj: module applied to student features whose dim differs from the teacher's (e.g. Linear d_s -> d_t).
     """
-    if layers not in LAYERS:
-        raise ValueError(f"layers={layers!r} is not one of {LAYERS}")
-    if token_match not in TOKEN_MATCH:
-        raise ValueError(f"token_match={token_match!r} is not one of {TOKEN_MATCH}")
     if layers == "last":
         pairs = [(student_feats[-1], teacher_feats[-1])]
     elif len(student_feats) != len(teacher_feats):
         raise ValueError(f"layers='all' needs as many student features ({len(student_feats)}) as teacher features "
-                         f"({len(teacher_feats)}); use kd.mse_layers=last for models of different depth")
+                         f"({len(teacher_feats)}); use kd.loss.mse_layers=last for models of different depth")
     else:
         pairs = list(zip(student_feats, teacher_feats))
     losses = []
@@ -137,23 +123,24 @@ class DistillLoss(nn.Module):
                  project: bool = False, student_dim: int | None = None, teacher_dim: int | None = None):
         super().__init__()
         if kind not in KINDS:
-            raise ValueError(f"kd.kind={kind!r} is not one of {KINDS}")
+            raise ValueError(f"kd.loss.kind={kind!r} is not one of {KINDS}")
         if not temperature > 0:
-            raise ValueError(f"kd.temperature={temperature!r} must be > 0")
+            raise ValueError(f"kd.loss.temperature={temperature!r} must be > 0")
         for field, value in (("hard_weight", hard_weight), ("mse_alpha", mse_alpha)):
             if not value >= 0:
-                raise ValueError(f"kd.{field}={value!r} must be >= 0")
+                raise ValueError(f"kd.loss.{field}={value!r} must be >= 0")
         if mse_layers not in LAYERS:
-            raise ValueError(f"kd.mse_layers={mse_layers!r} is not one of {LAYERS}")
+            raise ValueError(f"kd.loss.mse_layers={mse_layers!r} is not one of {LAYERS}")
         if token_match not in TOKEN_MATCH:
-            raise ValueError(f"kd.token_match={token_match!r} is not one of {TOKEN_MATCH}")
+            raise ValueError(f"kd.loss.token_match={token_match!r} is not one of {TOKEN_MATCH}")
         if two_head_alpha is not None and not 0 <= two_head_alpha <= 1:
-            raise ValueError(f"kd.two_head_alpha={two_head_alpha!r} must be null or in [0, 1]")
+            raise ValueError(f"kd.loss.two_head_alpha={two_head_alpha!r} must be null or in [0, 1]")
         if two_head_alpha is not None and hard_weight > 0:
-            raise ValueError(f"kd.hard_weight={hard_weight} and kd.two_head_alpha={two_head_alpha} conflict: with two "
-                             "heads the labels train the label head; set kd.hard_weight=0")
+            raise ValueError(f"kd.loss.hard_weight={hard_weight} and kd.loss.two_head_alpha={two_head_alpha} conflict: "
+                             "with two heads the labels train the label head; set kd.loss.hard_weight=0")
         if project and (student_dim is None or teacher_dim is None):
-            raise ValueError(f"kd.project=true needs student_dim and teacher_dim (got {student_dim}, {teacher_dim})")
+            raise ValueError(f"kd.loss.project=true needs student_dim and teacher_dim (got {student_dim}, "
+                             f"{teacher_dim})")
         self.kind = kind
         self.temperature = float(temperature)
         self.hard_weight = float(hard_weight)
@@ -180,7 +167,11 @@ class DistillLoss(nn.Module):
 
     def check(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
               student_feats: list[torch.Tensor] | None = None, teacher_feats: list[torch.Tensor] | None = None) -> None:
-        """Raise the error a training step would raise for these outputs (a dry run before training)."""
+        """Raise the error a training step would raise for these outputs (a dry run before training); the steps
+        themselves do not re-check."""
+        if student_logits.shape != teacher_logits.shape:
+            raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                             f"{tuple(teacher_logits.shape)} differ: teacher and student must predict the same classes")
         self.kd_loss(student_logits, teacher_logits)
         if self.needs_features:
             embedding_mse(student_feats, teacher_feats, self.mse_layers, self.token_match, self.proj)
@@ -191,7 +182,8 @@ class DistillLoss(nn.Module):
                 label_logits: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Total loss and its unweighted terms {'kd', 'mse', 'hard', 'label_head'} (only the active ones, detached)."""
         if teacher_logits is None:
-            raise ValueError("DistillLoss needs teacher logits (kd.model is set but no teacher output was given)")
+            raise ValueError("DistillLoss needs teacher logits (kd.teacher.model is set but no teacher output was "
+                             "given)")
         terms = {"kd": self.kd_loss(student_logits, teacher_logits)}
         if self.two_head_alpha is None:
             total = terms["kd"]
@@ -200,14 +192,14 @@ class DistillLoss(nn.Module):
                 total = total + self.hard_weight * terms["hard"]
         else:
             if label_logits is None:
-                raise ValueError("kd.two_head_alpha is set but no label-head logits were given: build the student "
+                raise ValueError("kd.loss.two_head_alpha is set but no label-head logits were given: build the student "
                                  "with model.label_head=true")
             a = self.two_head_alpha
             terms["label_head"] = base_loss_fn(label_logits, targets).float()
             total = a * terms["kd"] + (1 - a) * terms["label_head"]
         if self.needs_features:
             if student_feats is None or teacher_feats is None:
-                raise ValueError(f"kd.mse_alpha={self.mse_alpha} needs student and teacher features")
+                raise ValueError(f"kd.loss.mse_alpha={self.mse_alpha} needs student and teacher features")
             terms["mse"] = embedding_mse(student_feats, teacher_feats, self.mse_layers, self.token_match, self.proj)
             total = total + self.mse_alpha * terms["mse"]
         return total, {name: value.detach() for name, value in terms.items()}
