@@ -15,6 +15,7 @@ from qat.callbacks import AtomicCheckpointIO, RunSummary, Throughput
 from qat.checkpoint import init_from
 from qat.data import build_mixup
 from qat.distill import load_teacher
+from qat.extras import apply_extras
 from qat.module import LitClassifier
 from qat.optim import OptimConfig
 from qat.quant import compile_quantizers, quantize_, quantizers
@@ -100,7 +101,9 @@ def run_meta(cfg: DictConfig, model, recipe: dict, kd_meta: dict, init_info: dic
             "model": cfg.model.name, "quant": recipe["quant"], "quant_choice": facts["choices"].get("quant"),
             "kd": facts["choices"].get("kd", "none" if not kd_meta else "custom"), **kd_meta,
             "init_from": init_info["checkpoint"] if init_info else None, "overrides": facts["overrides"],
-            "output_dir": cfg.paths.output_dir, "seed": cfg.seed,
+            "output_dir": cfg.paths.output_dir, "seed": cfg.seed, "tags": list(cfg.tags),
+            "best_selected_on": "validation split" if cfg.data.get("val_split") else
+            "test split (as in the log, which had no validation split: val/* metrics are test-set metrics)",
             "params": sum(p.numel() for p in model.parameters())}
 
 
@@ -173,6 +176,7 @@ def train(cfg: DictConfig) -> dict:
     """Build data, student, teacher, module and trainer from `cfg`; fit; test; return the final metrics."""
     output_dir = Path(cfg.paths.output_dir)
     check_compile(cfg.compile)
+    apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, _convert_="all")
     model, recipe = build_student(cfg)
