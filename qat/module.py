@@ -27,13 +27,15 @@ class LitClassifier(L.LightningModule):
         teacher: frozen teacher; kept out of the state_dict, the optimizer and DDP.
         distill: a qat.distill.DistillLoss, required with a teacher or a label head.
         seed: base seed; each epoch reseeds from (seed, epoch, rank) so resumed runs match.
+        erasing: timm RandomErasing applied to the mixed, normalized training batch (qat.data.build_batch_erasing),
+            or None.
 
     Quantizers are initialised and their steps clamped by `qat.quant.QuantizationCallback`, not here.
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, recipe: dict, mixup=None, mixup_off_epoch: int = 0,
                  smoothing: float = 0.0, teacher: nn.Module | None = None, distill: nn.Module | None = None,
-                 seed: int = 42):
+                 seed: int = 42, erasing=None):
         super().__init__()
         self.model = model
         self.optim = optim
@@ -43,6 +45,7 @@ class LitClassifier(L.LightningModule):
         self.distill = distill
         self.__dict__["teacher"] = teacher  # not a submodule: never saved, trained or DDP-wrapped
         self.seed = seed
+        self.erasing = erasing
         self.base_loss = SoftTargetCrossEntropy() if mixup is not None else (
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
         num_classes = recipe["num_classes"]
@@ -58,6 +61,8 @@ class LitClassifier(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
             self.trainer.precision_plugin.convert_module(self.teacher)
+        if self.erasing is not None:
+            self.erasing.device = self.device  # its N(0, 1) pixels are drawn where the batch is
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if batch_idx == 0:  # model/mixup randomness of an epoch depends only on (seed, epoch, rank)
@@ -74,6 +79,8 @@ class LitClassifier(L.LightningModule):
         targets = y
         if self.mixup is not None:
             x, targets = self.mixup(x, y)
+        if self.erasing is not None:  # after mixing, as the original's GPU erasing (reference §2.3)
+            x = self.erasing(x)
         loss, terms, logits = self._loss(x, targets)
         if not torch.isfinite(loss):
             raise NonFiniteError(self._non_finite_report(loss, x))
@@ -143,7 +150,7 @@ class LitClassifier(L.LightningModule):
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim
-        groups = param_groups(self.model, o.weight_decay, o.quant_lr)
+        groups = param_groups(self.model, o.weight_decay, o.quant_lr, o.decay_embeddings)
         if self.distill is not None:
             groups += [{"params": list(self.distill.parameters()), "weight_decay": 0.0, "name": "distill"}]
             groups = [g for g in groups if g["params"]]

@@ -32,6 +32,7 @@ class OptimConfig:
     clip_grad: float | None = None
     clip_mode: str = "norm"
     lr_scale_rule: str = "none"  # applied by qat.run before the module is built
+    decay_embeddings: bool = True  # class token / position embedding decayed as in the original (reference §2.6)
 
     def __post_init__(self):
         for key, valid in (("clip_mode", CLIP_MODES), ("lr_scale_rule", LR_SCALE_RULES)):
@@ -51,8 +52,11 @@ def quant_parameters(model: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
-def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None) -> list[dict]:
-    """AdamW groups: decayed weights; no decay for norms, biases, embeddings; quantizer params apart."""
+def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None,
+                 decay_embeddings: bool = True) -> list[dict]:
+    """AdamW groups: decayed weights (ndim >= 2, as timm); no decay for norms and biases, nor for the class and
+    position embeddings when not `decay_embeddings`; quantizer parameters in their own group without decay."""
+    no_decay_names = () if decay_embeddings else NO_DECAY_NAMES
     quant_ids = {id(p) for p in quant_parameters(model)}
     decay, no_decay, quant = [], [], []
     for name, p in model.named_parameters():
@@ -60,7 +64,7 @@ def param_groups(model: nn.Module, weight_decay: float, quant_lr: float | None) 
             continue
         if id(p) in quant_ids:
             quant.append(p)
-        elif p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in NO_DECAY_NAMES:
+        elif p.ndim <= 1 or name.endswith(".bias") or name.split(".")[-1] in no_decay_names:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -1,12 +1,16 @@
-"""LitClassifier metrics: best validation top-1 (MaxMetric) and train top-1 against mixed targets."""
+"""LitClassifier: best validation top-1 (MaxMetric), train top-1 against mixed targets, erasing after mixing."""
 import csv
+import random
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from timm.data.random_erasing import RandomErasing
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from qat.data import build_batch_erasing, build_mixup, train_transform
+from qat.data.transforms import CIFAR10_MEAN, CIFAR10_STD
 from qat.module import LitClassifier
 from qat.optim import OptimConfig
 
@@ -53,3 +57,43 @@ def test_train_acc1_under_mixup_is_measured_against_the_mixed_targets(monkeypatc
         monkeypatch.setattr(lit, "log", lambda name, value, **kw: logged.__setitem__(name, value))
         lit.training_step((x, y), 0)
         assert logged["train/acc1"].item() == expected
+
+
+class Recorder(nn.Module):
+    """Logits from the mean colour; keeps the batch it was given."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Linear(3, 10)
+
+    def forward(self, x):
+        self.seen = x.detach().clone()
+        return self.head(x.mean((2, 3)))
+
+
+def test_batch_erasing_runs_on_the_mixed_batch_one_pure_noise_box_per_image(monkeypatch):
+    random.seed(0)
+    torch.manual_seed(0)
+    x = torch.arange(1.0, 9.0).mul(100).view(8, 1, 1, 1).expand(8, 3, 32, 32).clone()  # constant images 100..800
+    mixup = build_mixup({"mixup": 1.0, "cutmix": 0.0, "smoothing": 0.0}, 10)
+    erasing = build_batch_erasing({"reprob": 1.0, "erase_on_batch": True})
+    lit = LitClassifier(Recorder(), OPTIM, {"num_classes": 10}, mixup=mixup, erasing=erasing)
+    monkeypatch.setattr(lit, "log", lambda *a, **kw: None)
+    lit.training_step((x, torch.arange(8)), 0)
+    for image in lit.model.seen:
+        box = image < 50  # mixed values are >= 100; erased pixels are N(0, 1)
+        rows, cols = box[0].any(1).nonzero()[:, 0], box[0].any(0).nonzero()[:, 0]
+        assert (box == box[0]).all() and box[0, rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one rectangle
+        outside, inside = image[~box], image[box]
+        assert (outside == outside[0]).all() and outside[0] > 100  # the mix, untouched outside the box
+        assert inside.numel() >= 0.02 * 3 * 32 * 32 and abs(inside.mean()) < 0.5 and 0.6 < inside.std() < 1.4
+
+
+def test_per_sample_erasing_only_without_erase_on_batch():
+    def erasers(aug):
+        return [t for t in train_transform(32, CIFAR10_MEAN, CIFAR10_STD, aug).transforms if isinstance(t, RandomErasing)]
+    assert len(erasers({"reprob": 0.25})) == 1 and build_batch_erasing({"reprob": 0.25}) is None
+    assert not erasers({"reprob": 0.25, "erase_on_batch": True})
+    batch = build_batch_erasing({"reprob": 0.25, "erase_on_batch": True})
+    assert (batch.probability, batch.mode, batch.max_count) == (0.25, "pixel", 1)
+    assert build_batch_erasing({"reprob": 0.0, "erase_on_batch": True}) is None

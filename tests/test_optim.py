@@ -39,3 +39,18 @@ def test_quantized_vit_groups_cover_every_trainable_parameter_once():
     assert "lr" not in groups and len(groups["quant"]) == len(quant_parameters(model)) == 8 * 3 + 2 * 4
     ids = [id(p) for params in groups.values() for p in params]
     assert sorted(ids) == sorted(id(p) for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("decay_embeddings", [True, False])
+def test_class_and_position_embeddings_are_decayed_by_default(decay_embeddings):  # reference §2.6
+    model = quantize_(create_model("vit_2_4_32"), QuantConfig(weight={"bits": 2}, act={"bits": 2}))
+    groups = names(model, {g["name"]: g for g in param_groups(model, 0.05, None, decay_embeddings)})
+    embeddings = ["classifier.class_emb", "classifier.positional_emb"]
+    assert set(embeddings) <= set(groups["decay" if decay_embeddings else "no_decay"])
+    assert not set(embeddings) & set(groups["no_decay" if decay_embeddings else "decay"])
+    assert groups["quant"] == [n for n, _ in model.named_parameters() if n.endswith(".step")]
+    assert "classifier.blocks.0.linear1.weight" in groups["decay"] and "classifier.norm.weight" in groups["no_decay"]
+
+
+def test_decay_embeddings_defaults_to_the_original():
+    assert OptimConfig().decay_embeddings is True
