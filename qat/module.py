@@ -110,7 +110,8 @@ class LitClassifier(L.LightningModule):
         logits = self.model.forward_head(pooled)
         if self.distill.two_head_alpha is not None:
             label_logits = self.model.forward_head(pooled, label=True)
-        loss, terms = self.distill(logits, t_logits, targets, self.base_loss, student_feats=feats if need_feats else None,
+        loss, terms = self.distill(logits, t_logits, targets, self.base_loss,
+                                   student_feats=feats if need_feats else None,
                                    teacher_feats=t_feats, label_logits=label_logits)
         return loss, terms, logits
 
@@ -155,8 +156,8 @@ class LitClassifier(L.LightningModule):
             groups += [{"params": list(self.distill.parameters()), "weight_decay": 0.0, "name": "distill"}]
             groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr, o.min_lr,
-                                    o.cooldown_epochs)
+        scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr,
+                                    o.min_lr, o.cooldown_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:

@@ -113,7 +113,8 @@ def decode(source: Source, split: str) -> tuple[np.ndarray, np.ndarray]:
             labels.append(label)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"images in {source.path / split} have different sizes {sorted(shapes)[:3]}...; resize them first")
+        raise ValueError(f"images in {source.path / split} have different sizes {sorted(shapes)[:3]}...; "
+                         "resize them first")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 
