@@ -91,7 +91,8 @@ def test_batch_erasing_runs_on_the_mixed_batch_one_pure_noise_box_per_image(monk
 
 def test_per_sample_erasing_only_without_erase_on_batch():
     def erasers(aug):
-        return [t for t in train_transform(32, CIFAR10_MEAN, CIFAR10_STD, aug).transforms if isinstance(t, RandomErasing)]
+        steps = train_transform(32, CIFAR10_MEAN, CIFAR10_STD, aug).transforms
+        return [t for t in steps if isinstance(t, RandomErasing)]
     assert len(erasers({"reprob": 0.25})) == 1 and build_batch_erasing({"reprob": 0.25}) is None
     assert not erasers({"reprob": 0.25, "erase_on_batch": True})
     batch = build_batch_erasing({"reprob": 0.25, "erase_on_batch": True})
