@@ -182,8 +182,11 @@ def test_options(cls):
     kw = dict(embedding_dim=32, num_layers=1, num_heads=2, mlp_ratio=1)
     relu = cls(use_relu=True, **kw)
     assert isinstance(relu.classifier.blocks[0].activation, nn.ReLU)
-    assert relu.non_negative_inputs == ["classifier.blocks.*.linear2"]
+    assert relu.non_negative_inputs == ["classifier.blocks.*.linear1", "classifier.blocks.*.linear2"]  # §3.6
+    assert cls(use_relu=True, relu_unsigned="post_relu", **kw).non_negative_inputs == ["classifier.blocks.*.linear2"]
     assert cls(**kw).non_negative_inputs == []
+    with pytest.raises(ValueError, match="relu_unsigned='linear2' is not supported; .*'all_linear', 'post_relu'"):
+        cls(use_relu=True, relu_unsigned="linear2", **kw)
     bn = cls(norm="bn", label_head=True, **kw)
     assert sum(isinstance(m, TokenBatchNorm) for m in bn.modules()) == 3
     pooled, _ = bn.forward_features(images())

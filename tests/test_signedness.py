@@ -21,7 +21,7 @@ def unsigned_act_layers(model) -> set[str]:
     ({"signed_overrides": {LINEAR2: True}}, set()),
 ])
 def test_activation_signedness(extra, unsigned_layers):
-    model = create_model("vit_2_4_32", use_relu=True)
+    model = create_model("vit_2_4_32", use_relu=True, relu_unsigned="post_relu")
     quantize_(model, QuantConfig(act={"bits": 2}, **extra))
     assert unsigned_act_layers(model) == unsigned_layers
 

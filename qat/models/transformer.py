@@ -99,19 +99,31 @@ class TransformerClassifier(nn.Module):
         return self.fc_label(pooled)
 
 
+RELU_UNSIGNED = {  # with use_relu: the layers whose input quantizers are unsigned (reference §3.6)
+    "all_linear": ["classifier.blocks.*.linear1", "classifier.blocks.*.linear2"],  # the original: every 'linear'
+    "post_relu": ["classifier.blocks.*.linear2"],  # only the post-ReLU input (probably the intent)
+}
+
+
 class CompactTransformer(QatModel):
-    """`tokenizer` + `classifier` (TransformerClassifier) behind the qat model protocol (`QatModel`)."""
+    """`tokenizer` + `classifier` (TransformerClassifier) behind the qat model protocol (`QatModel`).
+
+    Args:
+        relu_unsigned: with `use_relu`, which inputs are quantized unsigned: 'all_linear' as the original
+            (linear1 too, so its negative LayerNorm outputs clip to 0) or 'post_relu' (linear2 only).
+    """
 
     def __init__(self, tokenizer: Tokenizer, img_size: int, in_chans: int, seq_pool: bool, use_relu: bool,
-                 **classifier_kwargs):
+                 relu_unsigned: Literal["all_linear", "post_relu"] = "all_linear", **classifier_kwargs):
         super().__init__()
+        if relu_unsigned not in RELU_UNSIGNED:
+            raise ValueError(f"relu_unsigned={relu_unsigned!r} is not supported; choose one of {list(RELU_UNSIGNED)}")
         self.tokenizer = tokenizer
         self.classifier = TransformerClassifier(tokenizer.sequence_length(in_chans, img_size, img_size),
                                                 seq_pool=seq_pool, use_relu=use_relu, **classifier_kwargs)
         self.default_quant_modules = ["classifier.blocks.*.self_attn.qkv", "classifier.blocks.*.self_attn.proj",
                                       "classifier.blocks.*.linear1", "classifier.blocks.*.linear2"]
-        # post-ReLU MLP hidden activations are >= 0 (GELU outputs can be slightly negative)
-        self.non_negative_inputs = ["classifier.blocks.*.linear2"] if use_relu else []
+        self.non_negative_inputs = list(RELU_UNSIGNED[relu_unsigned]) if use_relu else []
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         return self.classifier.forward_features(self.tokenizer(x))

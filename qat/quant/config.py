@@ -109,6 +109,9 @@ class QuantConfig:
     exclude: list[str] = field(default_factory=list)  # patterns removed from the selection
     signed_overrides: dict[str, bool] | None = None  # {pattern: signed}, wins over the rest; None = {}
     learnable_bias: bool = False  # zero-init learnable bias added before each activation quantizer
+    # the Linear layers of every attention (qkv, proj) get PyTorch's default init before quantizing, as the
+    # log's 'attn q' rows rebuilt them (reference §3.1); matters from scratch only (a checkpoint overwrites)
+    attn_default_init: bool = False
     unsigned: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: false}
     signed: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: true}
 

@@ -51,6 +51,7 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
     those for which `filter_fn(module, name)` is False, become QuantLinear/QuantConv2d with the weight
     and/or input-activation quantizers of the config. With `config.attn`, every attention QuantPoint
     (kinds q, k, v, attn_probs) becomes an LSQQuantizer. Signedness follows the QuantConfig rule (`_signed`).
+    With `config.attn_default_init`, the attention Linear layers are re-initialised first (PyTorch's default).
     """
     if isinstance(config, Mapping):
         config = QuantConfig(**config)
@@ -60,6 +61,8 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
     points = {n: m for n, m in model.named_modules() if isinstance(m, QuantPoint) and m.kind in ATTN_KINDS}
     _check_patterns(list(config.signed_overrides), list(layers) + list(points), "quant.signed_overrides",
                     "Linear/Conv2d module or attention QuantPoint")
+    if config.attn_default_init:
+        _reset_attention_linears(model, points)
     quantized = _quantize_layers(model, config, layers, filter_fn)
     replaced = _quantize_points(model, config, points, filter_fn)
     for name, q in quantizers(model):
@@ -67,6 +70,19 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
     log.info("quantize_: %d layers quantized (weight %s, act %s), %d attention points (%s)", len(quantized),
              _describe(config.weight), _describe(config.act), len(replaced), _describe(config.attn))
     return model
+
+
+def _reset_attention_linears(model: nn.Module, points: dict[str, QuantPoint]) -> None:
+    """nn.Linear.reset_parameters() (kaiming-uniform a=sqrt(5), uniform bias) on the Linear children of every
+    module holding attention QuantPoints, in module order."""
+    owners = dict.fromkeys(name.rpartition(".")[0] for name in points)
+    if not owners:
+        raise ValueError(f"quant.attn_default_init=true but model {type(model).__name__} has no attention "
+                         "quantization points; set quant.attn_default_init=false")
+    reset = [child for owner in owners for child in model.get_submodule(owner).children() if type(child) is nn.Linear]
+    for layer in reset:
+        layer.reset_parameters()
+    log.info("quantize_: %d attention Linear layers reset to PyTorch's default init", len(reset))
 
 
 def _quantize_layers(model: nn.Module, config: QuantConfig, layers: dict[str, nn.Module],
