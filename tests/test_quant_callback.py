@@ -1,5 +1,9 @@
 """calibrate_ and QuantizationCallback: initialise pending quantizers, check ranks agree, clamp every step."""
 import copy
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
@@ -108,3 +112,53 @@ def test_callback_skips_calibration_when_every_quantizer_is_initialised():
     callback = QuantizationCallback(lambda: calls.append(1))
     callback.on_fit_start(SimpleNamespace(world_size=2), SimpleNamespace(model=model))  # no gather either
     assert not calls
+
+
+DDP_DRIVER = """
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Callback
+
+sys.path.insert(0, {tests!r})
+import qat.run
+from conftest import TINY, compose_config
+from qat import runlock
+from qat.quant import quantizers
+
+
+class StepsOfThisRank(Callback):
+    def on_train_end(self, trainer, pl_module):
+        steps = {{n: q.step.detach().clone() for n, q in quantizers(pl_module.model)}}
+        torch.save(steps, Path({out!r}) / f"steps.{{trainer.global_rank}}.pt")
+
+
+build_callbacks = qat.run.build_callbacks
+qat.run.build_callbacks = lambda *args, **kwargs: build_callbacks(*args, **kwargs) + [StepsOfThisRank()]
+# minmax: steps start too large; quant_lr 10: the first Adam step (10 x sign of the gradient) takes them below 0
+overrides = TINY + ["quant=act2b", "trainer=ddp_cpu", "quant.act.init=minmax", "optim.quant_lr=10.0"]
+logging.basicConfig(level=logging.INFO)
+runlock.register_resolver()  # Lightning's DDP launcher reads hydra.run.dir
+qat.run.train(compose_config(overrides, Path({out!r})))
+"""
+
+
+@pytest.mark.slow
+def test_quickstart_on_two_gloo_ranks_initialises_clamps_and_agrees(tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DDP_DRIVER.format(tests=str(Path(__file__).parent), out=str(tmp_path)))
+    done = subprocess.run([sys.executable, str(driver)], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert "quantizer steps identical on all 2 ranks after initialisation" in output, output[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"steps.{r}.pt") for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) == 2 * 4  # act2b: the 4 linears of each block
+    assert all(torch.equal(rank0[n], rank1[n]) for n in rank0)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
+    eps = torch.tensor(1e-5)
+    for name, step in rank0.items():
+        assert torch.equal(state[f"model.{name}.step"], step) and state[f"model.{name}.initialized"] == 1
+        assert (step >= eps).all(), name
+    assert any(torch.equal(step, eps.view(1)) for step in rank0.values()), rank0  # went below 0, was clamped
