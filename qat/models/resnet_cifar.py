@@ -74,25 +74,15 @@ class CifarResNet(QatModel):
         return self.fc(pooled)
 
 
-@register_model
-def resnet20(num_classes: int = 10, **kwargs) -> CifarResNet:
-    """ResNet-20 (0.27M parameters)."""
-    return CifarResNet(**{"depth": 20, "num_classes": num_classes, **kwargs})
+def _register(depth: int, params: str) -> None:
+    """Register `resnet{depth}` building CifarResNet(depth), any argument overridable."""
+    def entrypoint(num_classes: int = 10, **kwargs) -> CifarResNet:
+        return CifarResNet(**{"depth": depth, "num_classes": num_classes, **kwargs})
+
+    entrypoint.__name__ = entrypoint.__qualname__ = f"resnet{depth}"
+    entrypoint.__doc__ = f"ResNet-{depth} ({params} parameters)."
+    register_model(entrypoint)
 
 
-@register_model
-def resnet32(num_classes: int = 10, **kwargs) -> CifarResNet:
-    """ResNet-32 (0.46M parameters)."""
-    return CifarResNet(**{"depth": 32, "num_classes": num_classes, **kwargs})
-
-
-@register_model
-def resnet44(num_classes: int = 10, **kwargs) -> CifarResNet:
-    """ResNet-44 (0.66M parameters)."""
-    return CifarResNet(**{"depth": 44, "num_classes": num_classes, **kwargs})
-
-
-@register_model
-def resnet56(num_classes: int = 10, **kwargs) -> CifarResNet:
-    """ResNet-56 (0.86M parameters)."""
-    return CifarResNet(**{"depth": 56, "num_classes": num_classes, **kwargs})
+for _depth, _params in ((20, "0.27M"), (32, "0.46M"), (44, "0.66M"), (56, "0.86M")):
+    _register(_depth, _params)
