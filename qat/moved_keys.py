@@ -6,6 +6,7 @@ MOVED = {
     "kd.quant": "kd.teacher.quant",
     "kd.checkpoint": "kd.teacher.checkpoint",
     "trainer.compile": "compile",
+    "quant.attn.probs_signed": "quant.attn.signed",
     **{f"kd.{k}": f"kd.loss.{k}" for k in LOSS_KEYS},
 }
 

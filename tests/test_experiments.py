@@ -5,6 +5,7 @@ import re
 import sys
 
 import pytest
+import torch
 from hydra.errors import ConfigCompositionException
 
 from conftest import ROOT, compose_config
@@ -92,14 +93,17 @@ def test_config_matches_its_log_words(configs, name):
     asym = bool(re.search(r"\basym\b", words))
     if q.act:
         assert q.act.symmetric is not asym
-        assert list(q.unsigned) == (BOTH_LINEARS if "relu" in words else [])
+        assert not q.signed_overrides  # 'relu' rows: linear1 + linear2 unsigned via model.relu_unsigned (3.6)
     if q.weight:
         assert q.weight.symmetric is not (asym and not q.act)
         assert q.weight.per_channel == ("per channel" in words)
     assert (q.attn is not None) == ("attn q" in words or "+ attn" in words)
     if q.attn:
         assert q.attn.bits == act_bits and q.attn.symmetric is not asym
-        assert q.attn.probs_signed == ("attn q" in words and "pos attn" not in words)
+        assert q.attn.signed == (True if "attn q" in words and "pos attn" not in words else None)
+    assert q.attn_default_init == (q.attn is not None)  # qkv/proj rebuilt with PyTorch's default init (3.1)
+    assert cfg.model.relu_unsigned == "all_linear"
+    assert cfg.trainer.precision == ("16-mixed" if torch.cuda.is_available() else "32-true")  # AMP (2.8)
     assert q.modules == {"q linear": BOTH_LINEARS, "q proj": ATTN_PROJ}.get(
         next((k for k in ("q linear", "q proj") if k in words), None))
     assert q.learnable_bias == ("learnable bias" in words)
