@@ -71,6 +71,7 @@ class CIFARDataModule(L.LightningDataModule):
         self.per_class, self.test_per_class, self.seed = per_class, test_per_class, seed
         self.aug = check_aug(aug)
         self.train_set = self.test_set = None
+        self.classes: list[str] | None = None  # class names, set by setup()
         if not download:
             self.check_source()
 
@@ -95,6 +96,7 @@ class CIFARDataModule(L.LightningDataModule):
             return
         source = self.check_source()
         train, test = load_split(source, "train"), load_split(source, "test")
+        self.classes = list(source.classes)
         keep_train = slice(None) if self.per_class is None else subset_per_class(
             train.labels, self.per_class, source.classes, "train")
         keep_test = slice(None) if self.test_per_class is None else subset_per_class(
