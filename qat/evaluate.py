@@ -114,9 +114,7 @@ def per_class(confusion: list[list[int]], classes: list[str]) -> list[dict]:
 
 def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix as a PNG, written atomically."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qat.report import plt, save_figure
     m = torch.tensor(confusion, dtype=torch.float)
     m = m / m.sum(1, keepdim=True).clamp_min(1)
     size = max(4.0, 0.45 * len(classes) + 2)
@@ -131,10 +129,7 @@ def plot_confusion(confusion: list[list[int]], classes: list[str], path: Path, t
                         color="white" if m[i, j] > 0.5 else "black")
     ax.set(xlabel="predicted", ylabel="true", title=title)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    save_figure(fig, path)
 
 
 def check_options(cfg: DictConfig) -> None:
