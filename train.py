@@ -17,7 +17,7 @@ def main(cfg: DictConfig) -> float | None:
         log.info("output dir: %s", cfg.paths.output_dir)
         close_wandb()
         close_process_group()
-    return metrics.get("val/acc1")
+    return metrics.get(cfg.get("optimized_metric") or "val/acc1_best")
 
 
 def close_wandb() -> None:

@@ -181,6 +181,10 @@ def train(cfg: DictConfig) -> dict:
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if checkpointing.best_model_score is not None:  # captured now: trainer.test() clears callback_metrics
+        metrics["val/acc1_best"] = float(checkpointing.best_model_score)
     if cfg.test_after_fit and not trainer.fast_dev_run and checkpointing.best_model_path:
         trainer.test(module, datamodule=datamodule, ckpt_path="best")
-    return {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+    return metrics
