@@ -1,17 +1,15 @@
 """Evaluate or use a trained model: `python eval.py ckpt=<run dir | .ckpt | experiment:<name>>` (see README)."""
-import logging
+import json
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("qat")
+from qat.checkpoint import resolve_reference
 
 
 def run_dir_model(ckpt, model_name, output_root) -> str:
     """The model name for the eval run dir: model=, else the run's summary.json, else 'model'."""
-    import json
-    from qat.checkpoint import resolve_reference
     if model_name:
         return str(model_name)
     try:
@@ -19,8 +17,10 @@ def run_dir_model(ckpt, model_name, output_root) -> str:
     except FileNotFoundError:
         return "model"
     for summary in (path / "summary.json", path.parent.parent / "summary.json"):
-        if summary.is_file():
+        try:
             return str(json.loads(summary.read_text()).get("model") or "model")
+        except (OSError, ValueError, AttributeError):
+            continue
     return "model"
 
 
@@ -29,7 +29,7 @@ OmegaConf.register_new_resolver("run_dir_model", run_dir_model, replace=True)
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> dict:
-    from qat.evaluate import evaluate
+    from qat.evaluate import evaluate  # after Hydra has parsed the command line: --help stays fast
     from qat.predict import predict
     try:
         return predict(cfg) if cfg.predict.input else evaluate(cfg)

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -153,13 +153,18 @@ def data_config(cfg: DictConfig, path: Path) -> DictConfig:
     return OmegaConf.create(OmegaConf.to_container(run.data, resolve=True))
 
 
-def prepare(cfg: DictConfig) -> tuple[nn.Module, dict]:
-    """Checks, then the eval-mode model and facts {ckpt, model, quant, format}; sets cfg.data when absent."""
+def check(cfg: DictConfig) -> Path:
+    """The checkpoint file, after every check that needs no loading; sets cfg.data when it is absent."""
     path = checkpoint_file(cfg.ckpt, cfg.paths.output_root)
     data = data_config(cfg, path)
-    OmegaConf.set_struct(cfg, False)
-    cfg.data = data
+    with open_dict(cfg):
+        cfg.data = data
     check_options(cfg)
+    return path
+
+
+def load(cfg: DictConfig, path: Path) -> tuple[nn.Module, dict]:
+    """The eval-mode model of `path` and the facts {ckpt, model, quant, format}."""
     model, info = build_model(cfg, path, read(path), int(cfg.data.num_classes))
     return model, {"ckpt": str(path), **info}
 
@@ -175,8 +180,9 @@ def split_dataset(datamodule, split: str):
 
 def evaluate(cfg: DictConfig) -> dict:
     """Score the checkpoint on `eval.split`; write eval.json and confusion.png in cfg.paths.output_dir."""
-    model, info = prepare(cfg)
-    datamodule = instantiate(cfg.data, _convert_="all")
+    path = check(cfg)
+    datamodule = instantiate(cfg.data, _convert_="all")  # a missing dataset fails here, before loading
+    model, info = load(cfg, path)
     dataset = split_dataset(datamodule, cfg.eval.split)
     loader = DataLoader(dataset, batch_size=int(cfg.data.eval_batch_size), num_workers=int(cfg.data.num_workers))
     result = score(model, loader, int(cfg.data.num_classes), tta=bool(cfg.eval.tta))

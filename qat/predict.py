@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from qat.data.datamodule import DATASETS
 from qat.data.transforms import eval_transform
-from qat.evaluate import predict_logits, prepare
+from qat.evaluate import check, load, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,7 @@ def write_csv(path: Path, rows: list[list], k: int) -> None:
 def predict(cfg: DictConfig) -> dict:
     """Top-k predictions for every image of `predict.input`, written to <output_dir>/predictions.csv."""
     images, skipped = find_images(cfg.predict.input)
-    model, info = prepare(cfg)
+    model, info = load(cfg, check(cfg))
     data, num_classes = cfg.data, int(cfg.data.num_classes)
     classes, k = class_names(data, num_classes), min(int(cfg.predict.topk), num_classes)
     transform = eval_transform(int(data.img_size), *DATASETS[data.name][1:3])

@@ -71,7 +71,8 @@ def test_eval_run_dir_matches_hand_computed_metrics(tmp_path, tta):
     logits, y = reference(load_model(run), 3, tta)
     assert report["images"] == 30 and report["format"] == "qat run" and report["data"] == "cifar10_sample"
     assert report["acc1"] == pytest.approx(100 * (logits.argmax(-1) == y).float().mean().item())
-    assert report["acc5"] == pytest.approx(100 * (logits.topk(5, -1).indices == y[:, None]).any(-1).float().mean().item())
+    top5 = (logits.topk(5, -1).indices == y[:, None]).any(-1)
+    assert report["acc5"] == pytest.approx(100 * top5.float().mean().item())
     assert report["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
     confusion = torch.tensor(report["confusion"])
     assert confusion.sum(1).tolist() == [3] * 10
@@ -115,7 +116,8 @@ def test_eval_bad_input_is_one_line_error_before_any_work(tmp_path, case, error,
     torch.save(create_model(**MODEL).state_dict(), original)
     overrides = {"missing": [f"ckpt={tmp_path / 'nope.ckpt'}"], "corrupt": [f"ckpt={corrupt}", "data=cifar10_sample"],
                  "family": [f"ckpt={run}", "model=resnet20"], "split": [f"ckpt={run}", "eval.split=dev"],
-                 "val": [f"ckpt={run}", "eval.split=val"], "original_no_model": [f"ckpt={original}", "data=cifar10_sample"],
+                 "val": [f"ckpt={run}", "eval.split=val"],
+                 "original_no_model": [f"ckpt={original}", "data=cifar10_sample"],
                  "original_wrong_model": [f"ckpt={original}", "data=cifar10_sample", "model=resnet20"]}[case]
     with pytest.raises(error, match=message) as info:
         evaluate(compose_eval(tmp_path, *overrides))

@@ -19,7 +19,8 @@ def test_summary_lists_every_quantized_layer_and_the_float_ones_left_out():
     assert left_out == ["tokenizer.conv_layers.0.0 (Conv2d)", "classifier.fc (Linear)"]
     qkv = dict(zip(["name", "type", "w", "a", "sign", "per_channel", "w_step", "a_step"], rows[0]))
     assert qkv == {"name": "classifier.blocks.0.self_attn.qkv", "type": "QuantLinear", "w": "2b [-1,1]",
-                   "a": "2b [-1,1]", "sign": "signed", "per_channel": "yes (384)", "w_step": "uninit", "a_step": "uninit"}
+                   "a": "2b [-1,1]", "sign": "signed", "per_channel": "yes (384)", "w_step": "uninit",
+                   "a_step": "uninit"}
     probs = next(r for r in rows if r[0].endswith("attn_quant"))
     assert probs[3:5] == ["2b [0,2]", "unsigned"]
 

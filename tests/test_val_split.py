@@ -19,7 +19,8 @@ def test_val_split_holds_out_the_last_images_of_every_class():
     full.setup(), held.setup()
     images, labels = arrays(full.train_set)
     expected = np.concatenate([np.flatnonzero(labels == c)[-5:] for c in range(10)])
-    assert np.array_equal(held.val_set.images, images[expected]) and np.array_equal(held.val_set.labels, labels[expected])
+    assert np.array_equal(held.val_set.images, images[expected])
+    assert np.array_equal(held.val_set.labels, labels[expected])
     first = np.concatenate([np.flatnonzero(labels == c)[:20] for c in range(10)])
     assert np.array_equal(held.train_set.images, images[first])  # per_class picks among the rest
     assert len(held.test_set) == 500 and len(full.val_dataloader().dataset) == 500  # default: validate on test
