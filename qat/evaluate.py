@@ -142,15 +142,17 @@ def check_options(cfg: DictConfig) -> None:
 
 
 def data_config(cfg: DictConfig, path: Path) -> DictConfig:
-    """`data=` when given, else the data config of the run that wrote `path` (<run>/.hydra/config.yaml)."""
-    if cfg.get("data") is not None:
-        return cfg.data
+    """`data=<name>` when given, else the data config of the run that wrote `path` (<run>/.hydra/config.yaml)
+    with any `+data.<key>=<value>` overrides merged over it."""
+    given = cfg.get("data")
+    if given is not None and "_target_" in given:
+        return given
     run_config = path.parent.parent / ".hydra" / "config.yaml"
     if not run_config.is_file():
         raise ValueError(f"ckpt={path} is not inside a run dir with .hydra/config.yaml: say which data to use, "
                          "e.g. data=cifar10 (or data=cifar10_sample)")
     run = OmegaConf.load(run_config)
-    return OmegaConf.create(OmegaConf.to_container(run.data, resolve=True))
+    return OmegaConf.merge(OmegaConf.to_container(run.data, resolve=True), given or {})
 
 
 def check(cfg: DictConfig) -> Path:

@@ -100,6 +100,12 @@ def test_eval_experiment_reference_and_train_split(tmp_path):
     assert report["split"] == "train" and report["images"] == 20 and report["quant"] is None
 
 
+def test_eval_data_overrides_merge_over_the_runs_data_config(tmp_path):
+    run = make_run(tmp_path)
+    report = evaluate(compose_eval(tmp_path, f"ckpt={run}", "+data.test_per_class=1"))
+    assert report["images"] == 10 and report["data"] == "cifar10_sample"
+
+
 @pytest.mark.parametrize("case, error, message", [
     ("missing", FileNotFoundError, "ckpt=.*does not exist"),
     ("corrupt", ValueError, "not a readable torch checkpoint"),
