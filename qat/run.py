@@ -16,6 +16,7 @@ from qat.checkpoint import init_from
 from qat.data import build_mixup
 from qat.distill import load_teacher
 from qat.extras import apply_extras
+from qat.model_summary import quant_summary
 from qat.module import LitClassifier
 from qat.optim import OptimConfig
 from qat.quant import compile_quantizers, quantize_, quantizers
@@ -195,5 +196,6 @@ def train(cfg: DictConfig) -> dict:
     params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(params)
-    log.info("%d parameters; %d quantizers", meta["params"], sum(1 for _ in quantizers(model)))
+    log.info("%d parameters; %d quantizers\n%s", meta["params"], sum(1 for _ in quantizers(model)),
+             quant_summary(model))
     return fit_and_test(cfg, trainer, module, datamodule, output_dir)

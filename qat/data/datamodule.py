@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from qat.data.cifar import LAYOUTS, PICKLE_DIRS, find_source, load_split, subset_per_class
+from qat.data.cifar import LAYOUTS, PICKLE_DIRS, Split, find_source, load_split, subset_per_class
 from qat.data.sampler import EpochSampler, EpochSeeded, ShardSampler, mix
 from qat.data.transforms import (CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, check_aug, eval_transform,
                                  train_transform)
@@ -33,6 +33,21 @@ class ArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
 
 
+def hold_out(split: Split, per_class: int) -> tuple[Split, Split]:
+    """(rest, held out): the last `per_class` images of every class of `split` held out, file order kept."""
+    held = []
+    for c, name in enumerate(split.classes):
+        idx = np.flatnonzero(split.labels == c)
+        if len(idx) <= per_class:
+            raise ValueError(f"data.val_split={per_class}: class {name!r} has only {len(idx)} train images; "
+                             f"hold out fewer than {len(idx)} per class")
+        held.append(idx[-per_class:])
+    mask = np.zeros(len(split.labels), dtype=bool)
+    mask[np.concatenate(held)] = True
+    return (Split(split.images[~mask], split.labels[~mask], split.classes),
+            Split(split.images[mask], split.labels[mask], split.classes))
+
+
 def download(root: Path, name: str) -> None:
     from torchvision.datasets import CIFAR10, CIFAR100
     {"cifar10": CIFAR10, "cifar100": CIFAR100}[name](str(root), train=True, download=True)
@@ -40,7 +55,8 @@ def download(root: Path, name: str) -> None:
 
 
 class CIFARDataModule(L.LightningDataModule):
-    """CIFAR train/test loaders with the log's augmentation; the test split doubles as validation (as in the log).
+    """CIFAR train/val/test loaders with the log's augmentation; without `val_split` the test split doubles as
+    validation (as in the log).
 
     Args:
         name: cifar10 | cifar100 | cifar10_sample (the bundled 1,000/500-image sample).
@@ -48,6 +64,8 @@ class CIFARDataModule(L.LightningDataModule):
         download: fetch with torchvision into `root` when nothing is there yet.
         batch_size: per-device train batch (qat.run divides the global batch by the world size).
         per_class / test_per_class: keep the first N images of every class (quick runs); None = all.
+        val_split: hold the last N train images of every class out as the validation set (the test split is
+            then only used by `test`); None = validate on the test split, as the log did.
         aug: overrides of qat.data.transforms.AUG_DEFAULTS.
         seed: base seed of shuffling and augmentation (a function of (seed, epoch, index): exact resume).
     """
@@ -55,7 +73,7 @@ class CIFARDataModule(L.LightningDataModule):
     def __init__(self, name: str = "cifar10", root=None, download: bool = False, num_classes: int | None = None,
                  img_size: int = 32, batch_size: int = 128, eval_batch_size: int = 256, num_workers: int = 4,
                  pin_memory: bool = True, per_class: int | None = None, test_per_class: int | None = None,
-                 aug: dict | None = None, seed: int = 0):
+                 aug: dict | None = None, seed: int = 0, val_split: int | None = None):
         super().__init__()
         if name not in DATASETS:
             raise ValueError(f"data.name={name!r} is not one of {sorted(DATASETS)}")
@@ -69,8 +87,13 @@ class CIFARDataModule(L.LightningDataModule):
         self.img_size, self.batch_size, self.eval_batch_size = img_size, batch_size, eval_batch_size
         self.num_workers, self.pin_memory = num_workers, pin_memory
         self.per_class, self.test_per_class, self.seed = per_class, test_per_class, seed
+        if val_split is not None and (isinstance(val_split, bool) or not isinstance(val_split, int) or val_split < 1):
+            raise ValueError(f"data.val_split={val_split!r}: give a positive number of train images per class "
+                             "to hold out for validation, or null to validate on the test split")
+        self.val_split = val_split
         self.aug = check_aug(aug)
-        self.train_set = self.test_set = None
+        self.train_set = self.test_set = self.val_set = None
+        self.classes: list[str] | None = None  # class names, set by setup()
         if not download:
             self.check_source()
 
@@ -95,6 +118,10 @@ class CIFARDataModule(L.LightningDataModule):
             return
         source = self.check_source()
         train, test = load_split(source, "train"), load_split(source, "test")
+        self.classes = list(source.classes)
+        if self.val_split is not None:
+            train, val = hold_out(train, self.val_split)
+            self.val_set = ArrayDataset(val.images, val.labels, eval_transform(self.img_size, self.mean, self.std))
         keep_train = slice(None) if self.per_class is None else subset_per_class(
             train.labels, self.per_class, source.classes, "train")
         keep_test = slice(None) if self.test_per_class is None else subset_per_class(
@@ -123,9 +150,12 @@ class CIFARDataModule(L.LightningDataModule):
         return self.loader(EpochSeeded(self.train_set, self.seed), self.batch_size, sampler, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.test_set, self.eval_batch_size, ShardSampler(len(self.test_set), *self.shard()), False)
+        """The held-out `val_split` images, or the test split when there is none (as in the log)."""
+        dataset = self.test_set if self.val_set is None else self.val_set
+        return self.loader(dataset, self.eval_batch_size, ShardSampler(len(dataset), *self.shard()), False)
 
-    test_dataloader = val_dataloader
+    def test_dataloader(self) -> DataLoader:
+        return self.loader(self.test_set, self.eval_batch_size, ShardSampler(len(self.test_set), *self.shard()), False)
 
     def calibration_batch(self, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """`n` (default: batch size) augmented training images picked by `seed`; the global RNG is left untouched."""

@@ -1,9 +1,7 @@
-"""The log's augmentation stack (reference §2.3-2.4), built from timm's implementations."""
+"""The log's augmentation stack (reference §2.3-2.4), built by timm.data.create_transform."""
 from PIL import Image
-from timm.data import Mixup
-from timm.data.auto_augment import rand_augment_transform
+from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
-from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -42,28 +40,24 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def train_transform(img_size: int, mean, std, aug: dict | None = None) -> T.Compose:
+    """timm's training stack with the log's switches: RandomResizedCrop (random interpolation), flip,
+    RandAugment (or ColorJitter when auto_augment is null), normalise, pixel-mode random erasing."""
     aug = check_aug(aug)
-    steps = [RandomResizedCropAndInterpolation(img_size, scale=tuple(aug["scale"]), interpolation="random")]
-    if aug["hflip"] > 0:
-        steps.append(T.RandomHorizontalFlip(aug["hflip"]))
-    if aug["auto_augment"]:
-        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(round(255 * m) for m in mean)}
-        rand_augment = rand_augment_transform(aug["auto_augment"], hparams)
-        for op in rand_augment.ops:
+    transform = create_transform(img_size, is_training=True, scale=tuple(aug["scale"]), hflip=aug["hflip"],
+                                 color_jitter=aug["color_jitter"] or None, auto_augment=aug["auto_augment"],
+                                 interpolation="random", mean=mean, std=std,
+                                 re_prob=0.0 if aug["erase_on_batch"] else aug["reprob"], re_mode="pixel",
+                                 re_count=1)
+    for step in transform.transforms:
+        for op in getattr(step, "ops", ()):  # RandAugment: the local posterize (Pillow >= 11 rejects 0 bits)
             if op.name.startswith("Posterize"):
                 op.aug_fn = posterize
-        steps.append(rand_augment)
-    elif aug["color_jitter"]:
-        steps.append(T.ColorJitter(*(3 * [aug["color_jitter"]])))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if aug["reprob"] > 0 and not aug["erase_on_batch"]:
-        steps.append(RandomErasing(aug["reprob"], mode="pixel", max_count=1, device="cpu"))
-    return T.Compose(steps)
+    return transform
 
 
 def eval_transform(img_size: int, mean, std) -> T.Compose:
-    return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
-                      T.ToTensor(), T.Normalize(mean, std)])
+    """Bicubic resize of the short side to `img_size`, centre crop, normalise (timm's eval stack, crop_pct 1)."""
+    return create_transform(img_size, is_training=False, interpolation="bicubic", crop_pct=1.0, mean=mean, std=std)
 
 
 def build_batch_erasing(aug: dict | None) -> RandomErasing | None:
