@@ -202,25 +202,21 @@ def unknown_layer(mod: nn.Module, path: str) -> ValueError:
                       f"{KNOWN}; convert it to one of those or exclude it from quant.modules")
 
 
-def _convert_children(mod: nn.Module, path: str) -> None:
+def _convert_tree(mod: nn.Module, path: str) -> nn.Module:
+    """`mod` with its quantized layers and attention converted (the converted module itself if it is one)."""
+    points = [getattr(mod, n, None) for n in ("q_quant", "k_quant", "v_quant", "attn_quant")]
+    if isinstance(mod, Attention) and any(isinstance(p, LSQQuantizer) for p in points):
+        return IntAttention(mod, path)
+    if isinstance(mod, (QuantLinear, QuantConv2d)):
+        return convert_layer(mod, path)
     for name, child in list(mod.named_children()):
-        full = f"{path}.{name}" if path else name
-        points = [getattr(child, n, None) for n in ("q_quant", "k_quant", "v_quant", "attn_quant")]
-        if isinstance(child, Attention) and any(isinstance(p, LSQQuantizer) for p in points):
-            setattr(mod, name, IntAttention(child, full))
-        elif isinstance(child, (QuantLinear, QuantConv2d)):
-            setattr(mod, name, convert_layer(child, full))
-        elif isinstance(child, LSQQuantizer):
+        if isinstance(child, LSQQuantizer):
             raise unknown_layer(mod, path)
-        else:
-            _convert_children(child, full)
+        setattr(mod, name, _convert_tree(child, f"{path}.{name}" if path else name))
+    return mod
 
 
 @torch.no_grad()
 def to_integer(model: nn.Module) -> nn.Module:
     """An eval-mode copy of the fake-quant `model` with every quantized layer and attention in integer form."""
-    model = copy.deepcopy(model).eval()
-    if isinstance(model, (QuantLinear, QuantConv2d)):
-        return convert_layer(model, "").eval()
-    _convert_children(model, "")
-    return model.eval()
+    return _convert_tree(copy.deepcopy(model).eval(), "").eval()

@@ -150,19 +150,20 @@ class QDQLayer(nn.Module):
         return F.linear(x, w, self.bias) if self.conv is None else F.conv2d(x, w, self.bias, **self.conv)
 
 
-def _replace_children(mod: nn.Module, path: str) -> None:
+def _qdq_tree(mod: nn.Module, path: str) -> nn.Module:
+    """`mod` with quantized layers as QDQLayer and attention quantizers as QDQ (the layer itself if it is one)."""
+    if isinstance(mod, (QuantLinear, QuantConv2d)):
+        if isinstance(mod, QuantConv2d):
+            check_conv(mod, path)
+        return QDQLayer(mod)
     for name, child in list(mod.named_children()):
-        full = f"{path}.{name}" if path else name
-        if isinstance(child, (QuantLinear, QuantConv2d)):
-            if isinstance(child, QuantConv2d):
-                check_conv(child, full)
-            setattr(mod, name, QDQLayer(child))
-        elif isinstance(child, LSQQuantizer):
+        if isinstance(child, LSQQuantizer):
             if not isinstance(mod, Attention):
                 raise unknown_layer(mod, path)
             setattr(mod, name, QDQ(child) if child.enabled else nn.Identity())
         else:
-            _replace_children(child, full)
+            setattr(mod, name, _qdq_tree(child, f"{path}.{name}" if path else name))
+    return mod
 
 
 def check_opset(model: nn.Module, opset: int, int4: bool = False) -> None:
@@ -184,11 +185,7 @@ def check_opset(model: nn.Module, opset: int, int4: bool = False) -> None:
 @torch.no_grad()
 def to_qdq(model: nn.Module) -> nn.Module:
     """An eval-mode copy of `model` whose quantizers and quantized layers are Q/DQ modules."""
-    model = copy.deepcopy(model).eval()
-    if isinstance(model, (QuantLinear, QuantConv2d)):
-        return QDQLayer(model).eval()
-    _replace_children(model, "")
-    return model.eval()
+    return _qdq_tree(copy.deepcopy(model).eval(), "").eval()
 
 
 @torch.no_grad()
