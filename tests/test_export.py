@@ -167,8 +167,8 @@ def test_opset_that_cannot_hold_the_codes():
         check_opset(layer, 11)
     with pytest.raises(ValueError, match="int4/uint4 QuantizeLinear needs opset 21"):
         check_opset(layer, 17, int4=True)
-    with pytest.raises(ValueError, match="need opset >= 10"):
-        check_opset(layer, 9)
+    with pytest.raises(ValueError, match="need opset >= 11"):
+        check_opset(layer, 10)
 
 
 def test_missing_and_corrupt_checkpoints(tmp_path):

@@ -57,10 +57,32 @@ def test_weights_are_int8_codes_with_per_channel_scales():
     graph, logits = run_onnx(layer, x)
     codes = [t for t in graph.graph.initializer if t.data_type == TensorProto.INT8 and list(t.dims) == [4, 8]]
     assert len(codes) == 1
-    assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(codes[0])).float(),
+    assert torch.equal(torch.tensor(onnx.numpy_helper.to_array(codes[0])).float(),
                        layer.weight_quantizer.levels(layer.weight))
     dq = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == codes[0].name]
     assert [a.i for a in dq[0].attribute if a.name == "axis"] == [0]
+    with torch.no_grad():
+        torch.testing.assert_close(logits, layer(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_offsets_that_are_step_multiples_become_zero_points(bits):
+    torch.manual_seed(0)
+    layer = QuantLinear.from_float(torch.nn.Linear(8, 4), QuantizerConfig(bits=bits, per_channel=True,
+                                                                          learnable_offset=True),
+                                   QuantizerConfig(bits=bits, learnable_offset=True))
+    x = torch.randn(64, 8) * 3
+    with torch.no_grad():
+        layer.train()(x)
+        w, a = layer.weight_quantizer, layer.act_quantizer
+        w.offset.copy_(torch.tensor([-1.0, 0.0, 2.0, 1.0])[:, None] * w.step)  # zero points 1, 0, -2, -1
+        a.offset.copy_(-3 * a.step)  # zero point 3
+    layer.eval()
+    graph, logits = run_onnx(layer, x)
+    arrays = {t.name: onnx.numpy_helper.to_array(t) for t in graph.graph.initializer}
+    zero_points = [arrays[n.input[2]].tolist() for n in graph.graph.node if n.op_type == "DequantizeLinear"]
+    assert sorted(zero_points, key=str) == [3, [1, 0, -2, -1]]  # activation, then weight per channel
+    assert "Sub" not in {n.op_type for n in graph.graph.node}  # no float offset around the pairs
     with torch.no_grad():
         torch.testing.assert_close(logits, layer(x), atol=1e-5, rtol=1e-5)
 

@@ -4,11 +4,11 @@ Exporter: torch.onnx.export(dynamo=False), the TorchScript exporter (the dynamo 
 which is not installed offline); it writes opsets up to 20, so int4/uint4 Q/DQ (opset 21) is out of reach
 and every code is stored in int8 (signed levels) or uint8 (unsigned), whatever the bit width.
 
-Activations (and q, k, v, softmax): QuantizeLinear -> Clip to the b-bit levels [qmin, qmax] (on the int8
-codes) -> DequantizeLinear, scale = max(step, eps). An LSQ+ offset that is an integer multiple z of the
-step becomes the zero point -z; any other offset is a float Sub before and Add after the pair.
-Weights: int8/uint8 code initializers -> DequantizeLinear (per-channel: axis 0, opset >= 13), offsets as
-zero points or a float Add in the same way. 1-bit signed activations (sign) have no Q/DQ form and are
+Activations (and q, k, v, softmax): Clip to the b-bit levels' range -> QuantizeLinear -> DequantizeLinear,
+scale = max(step, eps) (the Clip is left out when the levels fill int8/uint8). An LSQ+ offset that is an
+integer multiple z of the step becomes the zero point -z (stored integer = level); any other offset is a
+float Sub before and Add after the pair. Weights: int8/uint8 initializers holding the levels ->
+DequantizeLinear (per-channel: axis 0, opset >= 13), offsets as zero points or a float Add in the same way. 1-bit signed activations (sign) have no Q/DQ form and are
 exported as float Where(x >= offset, offset + s, offset - s).
 """
 import copy
@@ -25,23 +25,27 @@ from qat.models.layers import Attention
 from qat.quant import LSQQuantizer, QuantConv2d, QuantLinear
 
 DEFAULT_OPSET = 17
-MIN_OPSET = {"quant": 10, "per_channel": 13}
+MIN_OPSET = {"quant": 11, "per_channel": 13}  # Clip with min/max inputs: 11
 INT4_OPSET = 21
 TORCHSCRIPT_MAX_OPSET = 20
 
 
 class _QDQ(torch.autograd.Function):
-    """Fake quantization whose ONNX form is QuantizeLinear -> Clip -> DequantizeLinear."""
+    """Fake quantization whose ONNX form is [Clip ->] QuantizeLinear -> DequantizeLinear."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, lo, hi):
+    def forward(ctx, x, scale, zero_point, lo, hi, clip: bool):
         z = zero_point.float()
-        return (torch.round(x / scale) + z).clamp(lo.float(), hi.float()).sub(z).mul(scale)
+        if clip:
+            x = x.clamp(lo, hi)
+        info = torch.iinfo(zero_point.dtype)
+        return (torch.round(x / scale) + z).clamp(info.min, info.max).sub(z).mul(scale)
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, lo, hi):
-        q = g.op("QuantizeLinear", x, scale, zero_point)
-        return g.op("DequantizeLinear", g.op("Clip", q, lo, hi), scale, zero_point)
+    def symbolic(g, x, scale, zero_point, lo, hi, clip: bool):
+        if clip:
+            x = g.op("Clip", x, lo, hi)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
 
 
 class _DQ(torch.autograd.Function):
@@ -72,7 +76,13 @@ def zero_point(offset: torch.Tensor | None, scale: torch.Tensor, qmin: int, qmax
 
 
 class QDQ(nn.Module):
-    """An activation LSQQuantizer as a Q/DQ pair (or float sign for 1-bit signed)."""
+    """An activation LSQQuantizer as [Clip ->] Q -> DQ (or float sign for 1-bit signed).
+
+    The stored integer is the level (zero point -offset/step where that is an integer); the levels'
+    range [qmin, qmax] is a float Clip of x to [(qmin - zp) * s, (qmax - zp) * s] before QuantizeLinear,
+    left out when it is the whole int8/uint8 range, so Q -> DQ stays a plain pair that onnxruntime can
+    fuse into integer kernels (MatMulIntegerToFloat).
+    """
 
     def __init__(self, q: LSQQuantizer):
         super().__init__()
@@ -82,13 +92,14 @@ class QDQ(nn.Module):
         offset = None if q.offset is None else q.offset.detach().float().reshape(())
         zp = zero_point(offset, scale, q.qmin, q.qmax, dtype)
         self.float_offset = offset is not None and (zp is None or self.binary)
+        zp = zp if zp is not None and not self.float_offset else torch.zeros((), dtype=dtype)
         self.register_buffer("scale", scale)
         self.register_buffer("offset", offset if offset is not None else torch.zeros(()))
-        self.register_buffer("zero_point", zp if zp is not None and not self.float_offset else
-                             torch.zeros((), dtype=dtype))
-        z = self.zero_point.to(torch.int64)
-        self.register_buffer("lo", (z + q.qmin).to(dtype))
-        self.register_buffer("hi", (z + q.qmax).to(dtype))
+        self.register_buffer("zero_point", zp)
+        self.clip = (q.qmin, q.qmax) != (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+        z = float(zp)
+        self.register_buffer("lo", (q.qmin - z) * scale)
+        self.register_buffer("hi", (q.qmax - z) * scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.float_offset:
@@ -96,7 +107,7 @@ class QDQ(nn.Module):
         if self.binary:
             y = torch.where(x >= 0, self.scale, -self.scale)
         else:
-            y = _QDQ.apply(x, self.scale, self.zero_point, self.lo, self.hi)
+            y = _QDQ.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)
         return y + self.offset if self.float_offset else y
 
 
@@ -116,8 +127,7 @@ class QDQWeight(nn.Module):
         self.float_offset = offset is not None and zp is None
         zp = torch.zeros_like(scale, dtype=dtype) if zp is None else zp
         view = (-1,) + (1,) * (weight.dim() - 1) if zp.dim() else ()
-        codes = q.levels(weight).to(torch.int64) - zp.to(torch.int64).reshape(view)
-        self.register_buffer("codes", codes.to(dtype))
+        self.register_buffer("codes", q.levels(weight).to(dtype))  # dequantized: (level - zp) * s = level * s + offset
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zp)
         float_offset = offset.reshape(view) if self.float_offset else torch.zeros(())
