@@ -1,7 +1,6 @@
 """qat.export: integer re-simulation == fake-quant, exact code packing, bad input refused before any write."""
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qat.export.exporter import check_request, export, write_files

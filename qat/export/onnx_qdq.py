@@ -8,8 +8,8 @@ Activations (and q, k, v, softmax): Clip to the b-bit levels' range -> QuantizeL
 scale = max(step, eps) (the Clip is left out when the levels fill int8/uint8). An LSQ+ offset that is an
 integer multiple z of the step becomes the zero point -z (stored integer = level); any other offset is a
 float Sub before and Add after the pair. Weights: int8/uint8 initializers holding the levels ->
-DequantizeLinear (per-channel: axis 0, opset >= 13), offsets as zero points or a float Add in the same way. 1-bit signed activations (sign) have no Q/DQ form and are
-exported as float Where(x >= offset, offset + s, offset - s).
+DequantizeLinear (per-channel: axis 0, opset >= 13), offsets as zero points or a float Add in the same
+way. 1-bit signed activations (sign) have no Q/DQ form: float Where(x - offset >= 0, s, -s) + offset.
 """
 import copy
 import io
@@ -112,7 +112,7 @@ class QDQ(nn.Module):
 
 
 class QDQWeight(nn.Module):
-    """A layer's quantized weight: int8/uint8 codes (stored as level - zero point) -> DequantizeLinear."""
+    """A layer's quantized weight: int8/uint8 levels -> DequantizeLinear ((level - zp) * s = level * s + offset)."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
@@ -127,11 +127,10 @@ class QDQWeight(nn.Module):
         self.float_offset = offset is not None and zp is None
         zp = torch.zeros_like(scale, dtype=dtype) if zp is None else zp
         view = (-1,) + (1,) * (weight.dim() - 1) if zp.dim() else ()
-        self.register_buffer("codes", q.levels(weight).to(dtype))  # dequantized: (level - zp) * s = level * s + offset
+        self.register_buffer("codes", q.levels(weight).to(dtype))
         self.register_buffer("scale", scale)
         self.register_buffer("zero_point", zp)
-        float_offset = offset.reshape(view) if self.float_offset else torch.zeros(())
-        self.register_buffer("offset", float_offset)
+        self.register_buffer("offset", offset.reshape(view) if self.float_offset else torch.zeros(()))
 
     def forward(self) -> torch.Tensor:
         w = _DQ.apply(self.codes, self.scale, self.zero_point)
