@@ -160,6 +160,13 @@ def test_fp_model_has_nothing_to_export_as_integers():
     check_request(nn.Linear(4, 2), {"onnx"}, 17, False, "fp.ckpt")  # an FP ONNX export is fine
 
 
+def test_activation_only_model_has_no_weight_codes_to_pack():
+    layer, _ = make_layer("linear", "act_only_a2")
+    with pytest.raises(ValueError, match="quantizes activations only .* use --format int or onnx"):
+        check_request(layer, {"packed"}, 17, False, "act.ckpt")
+    check_request(layer, {"int", "onnx"}, 17, False, "act.ckpt")
+
+
 def test_opset_that_cannot_hold_the_codes():
     layer, _ = make_layer("linear", "w4_per_channel_a4_unsigned")
     with pytest.raises(ValueError, match="axis needs opset >= 13; use --opset 17"):

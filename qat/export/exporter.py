@@ -21,10 +21,10 @@ from torch import nn
 
 from qat.checkpoint import load_model, resolve_checkpoint
 from qat.export.check import format_checks, run_checks, test_images
-from qat.export.integer import to_integer
+from qat.export.integer import live, to_integer
 from qat.export.onnx_qdq import DEFAULT_OPSET, check_opset, export_onnx, ort_logits, ort_session
 from qat.export.packing import format_report, pack_model
-from qat.quant import quantizers
+from qat.quant import QuantConv2d, QuantLinear, quantizers
 
 FORMATS = ("int", "packed", "onnx", "all")
 IMAGE_SHAPE = (3, 32, 32)
@@ -60,8 +60,16 @@ def check_request(model: nn.Module, formats: set[str], opset: int, int4: bool, s
     if fresh:
         raise ValueError(f"quantizer {fresh[0]} of {source} is not initialised (step never set): export a trained "
                          "or calibrated checkpoint")
+    if "packed" in formats and not has_weight_codes(model):
+        raise ValueError(f"{source} quantizes activations only (no weight quantizer): --format packed has no weight "
+                         "codes to pack; use --format int or onnx")
     if "onnx" in formats:
         check_opset(model, opset, int4)
+
+
+def has_weight_codes(model: nn.Module) -> bool:
+    return any(isinstance(m, (QuantLinear, QuantConv2d)) and live(m.weight_quantizer) is not None
+               for m in model.modules())
 
 
 def default_out(path: str | Path) -> Path:
@@ -128,10 +136,14 @@ def export(path: str | Path, fmt: str = "all", out: str | Path | None = None, ch
     if check < 0:
         raise ValueError(f"--check={check}: give a number of test images >= 0 (0 skips the check)")
     model = read_model(path)
+    if fmt == "all" and not has_weight_codes(model) and any(True for _ in quantizers(model)):
+        formats.discard("packed")
+        echo("activation-only quantization: no weight codes to pack, writing int and onnx")
     check_request(model, formats, opset, int4, str(path))
     images = None
     if check:
-        num_classes = model(torch.zeros(1, *IMAGE_SHAPE)).shape[1]
+        with torch.no_grad():
+            num_classes = model(torch.zeros(1, *IMAGE_SHAPE)).shape[1]
         images = test_images(data, check, num_classes)
     files, runners, report = build_files(model, formats, opset)
     result = {"sizes": report}
