@@ -46,7 +46,7 @@ class AttnQuantConfig:
     def __post_init__(self, probs_signed):
         _check_bits(self.bits)
         if probs_signed:
-            raise ValueError("quant.attn.probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
+            raise ValueError("probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
                              "(softmax levels {-1, 0, 1}); null = auto ({0, 1, 2})")
 
 
