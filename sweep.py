@@ -23,6 +23,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qat.report import write_report
 from qat.runs import summaries
 
 ROOT = Path(__file__).resolve().parent
@@ -176,8 +177,9 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def collect(root: Path, out: Path) -> list[dict]:
-    """Write <out>/results.md and <out>/results.csv for every summary.json below `root`; print the Markdown."""
+def collect(root: Path, out: Path, plots: bool = False) -> list[dict]:
+    """Write <out>/results.md and <out>/results.csv for every summary.json below `root`; print the Markdown;
+    with `plots`, also qat.report's PNGs and report.md of every run in <out>/report."""
     root = Path(root).resolve()
     runs = summaries(root)
     if not runs:
@@ -197,6 +199,9 @@ def collect(root: Path, out: Path) -> list[dict]:
         writer.writeheader()
         writer.writerows(r["csv"] for r in rows)
     print(text + f"\n# wrote {out / 'results.md'} and {out / 'results.csv'}")
+    if plots:
+        write_report([s["_path"].parent for s in runs if (s["_path"].parent / "metrics.csv").is_file()], out / "report")
+        print(f"# plots and report.md in {out / 'report'}")
     return rows
 
 
@@ -214,6 +219,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="results.md / results.csv from every summary.json below a dir")
     c.add_argument("dir")
     c.add_argument("--out", help="where to write results.md / results.csv (default: the dir)")
+    c.add_argument("--plots", action="store_true", help="also curves, lr, quantizer heatmaps and report.md")
     sub.add_parser("list", help="print every experiment name with its description")
     return p
 
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         args.experiments += rest  # train.py overrides given after the options
         return run(args)
     if args.command == "collect":
-        collect(Path(args.dir), Path(args.out or args.dir))
+        collect(Path(args.dir), Path(args.out or args.dir), plots=args.plots)
         return 0
     for name in experiment_names():
         print(f"{name:24s} {OmegaConf.load(EXPERIMENTS / f'{name}.yaml').get('description', '')}")

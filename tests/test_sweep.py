@@ -163,3 +163,7 @@ def test_two_quick_experiments_in_parallel_then_collect_and_resume(tmp_path):
         assert re.search(row, table), table
     again = cli("run", "smoke/*", "--launcher", "joblib", "--outputs", str(tmp_path))
     assert "# skip smoke/act2b: finished" in again.stdout and "nothing to run" in again.stdout
+    plotted = cli("collect", str(sweep_dir), "--plots")
+    assert plotted.returncode == 0, plotted.stderr[-3000:]
+    report = (sweep_dir / "report" / "report.md").read_text()
+    assert (sweep_dir / "report" / "curves.png").stat().st_size > 0 and "smoke/act2b" in report
