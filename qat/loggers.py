@@ -61,8 +61,9 @@ class ResumableCSVLogger(CSVLogger):
         return self._experiment
 
 
-def wandb_logger(save_dir: str, **kwargs) -> WandbLogger:
-    """WandbLogger that continues the run dir's W&B run: its id is kept in `<save_dir>/wandb_id`."""
+def wandb_logger(save_dir: str, tags: list | tuple = (), user_tags: list | tuple = (), **kwargs) -> WandbLogger:
+    """WandbLogger that continues the run dir's W&B run (its id is kept in `<save_dir>/wandb_id`), tagged with
+    `tags` (model, quant, kd) plus the run's own `user_tags` (the top-level `tags` key)."""
     path = Path(save_dir) / WANDB_ID_FILE
     if path.is_file():
         run_id = path.read_text().strip()
@@ -72,4 +73,5 @@ def wandb_logger(save_dir: str, **kwargs) -> WandbLogger:
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(run_id + "\n")
         os.replace(tmp, path)
-    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", **kwargs)
+    tags = list(dict.fromkeys(str(t) for t in [*tags, *user_tags]))
+    return WandbLogger(save_dir=save_dir, id=run_id, resume="allow", tags=tags, **kwargs)

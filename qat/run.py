@@ -1,5 +1,6 @@
 """One training run from a composed Hydra config: build data, student, teacher, callbacks, trainer; fit; test."""
 import dataclasses
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -8,6 +9,7 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from qat.builders import as_dict, build, build_quant
@@ -171,7 +173,17 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: LitClassifier, dat
     if cfg.test_after_fit and not trainer.fast_dev_run and trainer.checkpoint_callback.best_model_path:
         trainer.test(module, datamodule=datamodule, ckpt_path=trainer.checkpoint_callback.best_model_path)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
+    publish_summary(trainer, output_dir / "summary.json")
     return metrics
+
+
+def publish_summary(trainer: L.Trainer, path: Path) -> None:
+    """summary.json's values as the W&B run summary, so a dashboard compares runs by experiment-log row."""
+    wandb_loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+    if wandb_loggers and trainer.is_global_zero and path.is_file():
+        summary = json.loads(path.read_text())
+        for logger in wandb_loggers:
+            logger.experiment.summary.update({k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
 
 
 def train(cfg: DictConfig) -> dict:

@@ -92,7 +92,7 @@ def test_multirun_of_ddp_jobs_with_wandb(tmp_path):
 def test_wandb_offline_writes_run_folder(make_cfg, monkeypatch, tmp_path):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = make_cfg("logger=wandb")
+    cfg = make_cfg("logger=wandb", "tags=[mine]")
     try:
         train(cfg)
     finally:
@@ -102,7 +102,8 @@ def test_wandb_offline_writes_run_folder(make_cfg, monkeypatch, tmp_path):
     assert runs, "no offline W&B run folder"
     # wandb >= 0.19 keeps config and history as protobuf records in the .wandb file until `wandb sync`;
     # its service process may still be writing them after finish() returns
-    wanted = [b"lr_scale_rule", b"vit_2_4_32", b"quickstart", b"val/acc1", b"train/loss"]
+    wanted = [b"lr_scale_rule", b"vit_2_4_32", b"quickstart", b"val/acc1", b"train/loss", b"mine",
+              b"best_selected_on"]  # user tag; summary.json values as the run summary
     deadline = time.monotonic() + 60
     while not all(w in (records := next(runs[0].glob("*.wandb")).read_bytes()) for w in wanted):
         if time.monotonic() > deadline:
