@@ -46,6 +46,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def write_json_atomic(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)
 
@@ -66,6 +67,13 @@ def mark_run(output_dir: str | Path, status: str, error: str | None = None, fact
         summary = {}
     summary.update(facts or {}, status=status, finished=status == "finished", error=error)
     write_json_atomic(path, summary)
+
+
+def saved_epoch(path: str | None) -> int | None:
+    """Epochs completed when the checkpoint at `path` was written (its tensors are not read)."""
+    if not path or not Path(path).is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"] + 1
 
 
 class LastCheckpoint(ModelCheckpoint):
@@ -153,7 +161,7 @@ class RunSummary(Callback):
             "finished": finished,
             "error": None,
             "best_ckpt": best,
-            "best_epoch": 1 + self.history.index(max(self.history)) if best and self.history else None,
+            "best_epoch": saved_epoch(best),
             "last_ckpt": last_path,
             "last_epoch": last.epoch if last_path else None,
         }

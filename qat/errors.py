@@ -15,6 +15,7 @@ INPUT_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT, errno.ENOT
 HINTS = {errno.ENOSPC: "free space there or point paths.output_root at another filesystem",
          errno.EDQUOT: "free space there or point paths.output_root at another filesystem",
          errno.EACCES: "choose a writable paths.output_root (or hydra.run.dir)",
+         errno.EPERM: "choose a writable paths.output_root (or hydra.run.dir)",
          errno.EROFS: "choose a writable paths.output_root (or hydra.run.dir)"}
 
 

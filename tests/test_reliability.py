@@ -199,9 +199,12 @@ class CtrlCBeforeEpoch(Callback):
             raise KeyboardInterrupt
 
 
+BUILD_CALLBACKS = qat.run.build_callbacks
+
+
 def train_with(monkeypatch, cfg, *extra: Callback) -> dict:
-    build = qat.run.build_callbacks
-    monkeypatch.setattr(qat.run, "build_callbacks", lambda *a, **k: build(*a, **k) + [BestAtFirstEpoch(), *extra])
+    monkeypatch.setattr(qat.run, "build_callbacks",
+                        lambda *a, **k: BUILD_CALLBACKS(*a, **k) + [BestAtFirstEpoch(), *extra])
     return qat.run.train(cfg)
 
 
@@ -244,11 +247,14 @@ def train_py(*args: str, **popen) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_runs_launched_in_the_same_second_finish_in_distinct_dirs(tmp_path):
-    procs = [train_py(f"paths.output_root={tmp_path}", "test_after_fit=false") for _ in range(2)]
+    # conf/hydra/default.yaml's run dir with the time fixed, so that the two runs always collide
+    same_second = f"hydra.run.dir=${{qat.unique_dir:{tmp_path}/train/20261202-101010-vit_2_4_32-32}}"
+    procs = [train_py(same_second, "test_after_fit=false") for _ in range(2)]
     results = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
     summaries = sorted(tmp_path.glob("train/*/summary.json"))
-    assert len(summaries) == 2 and all(json.loads(s.read_text())["finished"] for s in summaries)
+    assert [s.parent.name for s in summaries] == ["20261202-101010-vit_2_4_32-32", "20261202-101010-vit_2_4_32-32-2"]
+    assert all(json.loads(s.read_text())["finished"] for s in summaries)
     assert not list(tmp_path.rglob(runlock.LOCK_NAME))  # released at exit
 
 
