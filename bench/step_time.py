@@ -20,7 +20,8 @@ from bench.common import (base_parser, csv, interleave, md_table, peak_memory, s
                           targets_table, write_results)
 from qat.distill import DistillLoss
 from qat.models import create_model
-from qat.module import LitClassifier, OptimConfig
+from qat.module import LitClassifier
+from qat.optim import OptimConfig
 from qat.quant import QuantConfig, clamp_steps_, compile_quantizers, quantize_
 
 A2 = {"bits": 2}

@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from qat.builders import as_dict, build, build_quant
 from qat.callbacks import AtomicCheckpointIO, LastCheckpoint, RunSummary, Throughput
 from qat.checkpoint import init_from
-from qat.data import build_mixup
+from qat.data import build_batch_erasing, build_mixup
 from qat.distill import load_teacher
 from qat.extras import apply_extras
 from qat.model_summary import quant_summary
@@ -204,7 +204,7 @@ def train(cfg: DictConfig) -> dict:
     aug = cfg.data.aug
     module = LitClassifier(model, optim, recipe, mixup=build_mixup(aug, cfg.data.num_classes),
                            mixup_off_epoch=aug.mixup_off_epoch, smoothing=aug.smoothing, teacher=teacher,
-                           distill=distill, seed=cfg.seed)
+                           distill=distill, seed=cfg.seed, erasing=build_batch_erasing(aug))
     params = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
     for logger in trainer.loggers:
         logger.log_hyperparams(params)

@@ -80,6 +80,7 @@ def test_config_matches_its_log_words(configs, name):
     no_aa = "no aa" in words
     assert cfg.data.aug.auto_augment == (None if no_aa else "rand-m9-mstd0.5-inc1")
     assert cfg.data.aug.reprob == number(r"reprob ([\d.]+)", words, 0.25 if no_aa or rid in CIFAR100 else 0.0)
+    assert cfg.data.aug.erase_on_batch == (cfg.data.aug.reprob > 0)  # erasing on the mixed batch, as the original
     assert cfg.data.aug.mixup == number(r"mixup ([\d.]+)", words, 0.8)
     assert cfg.data.aug.smoothing == (0.0 if "no smooth" in words else 0.1)
     clip = re.search(r"(agc|norm) ([\d.]+)", words)
