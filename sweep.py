@@ -109,7 +109,8 @@ def commands(levels: list[list[str]], sweep_dir: Path, launcher: str, budget: st
 def check_run_args(launcher: str, budget: str, jobs: int | None, dry_run: bool) -> None:
     if launcher not in LAUNCHERS:
         raise ValueError(f"--launcher={launcher!r} is not one of {sorted(LAUNCHERS)}")
-    if launcher == "slurm" and not dry_run and importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
+    submitit = importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher")
+    if launcher == "slurm" and not dry_run and submitit is None:
         raise ValueError("--launcher slurm needs hydra-submitit-launcher: pip install -e '.[slurm]'")
     budgets = sorted(p.stem for p in BUDGETS.glob("*.yaml"))
     if budget not in budgets:

@@ -2,6 +2,8 @@
 import torch
 from torch import nn
 
+from qat.quant import quantizers
+
 
 class NonFiniteError(RuntimeError):
     """Loss, teacher output or a quantizer parameter became NaN/Inf."""
@@ -25,3 +27,11 @@ def find_non_finite(model: nn.Module, x: torch.Tensor) -> str | None:
         for h in handles:
             h.remove()
     return found[0] if found else None
+
+
+def non_finite_report(model: nn.Module, x: torch.Tensor) -> str:
+    """Quantizers of `model` with a non-finite step/offset and the first layer with non-finite output on `x`."""
+    bad = [n for n, q in quantizers(model) if not q.has_finite_params()]
+    first = find_non_finite(model, x)
+    return (f"quantizers with non-finite step/offset: {bad or 'none'}; first layer with non-finite output: "
+            f"{first or 'none (check the loss inputs)'}")

@@ -1,7 +1,5 @@
 """The LightningModule: student (+ frozen teacher), losses, optimizer, schedule, metrics."""
-import logging
 import random
-from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
@@ -9,30 +7,11 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
+from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from qat.guards import NonFiniteError, find_non_finite
-from qat.optim import clip_gradients, cosine_schedule, param_groups
-from qat.quant import clamp_steps_, is_quant_param, quantizers
-
-log = logging.getLogger(__name__)
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 5.5e-4
-    epochs: int | None = None  # schedule length; None = trainer.max_epochs (set both to train part of one)
-    weight_decay: float = 0.06
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
-    warmup_epochs: int = 10
-    warmup_lr: float = 1e-5
-    min_lr: float = 1e-5
-    cooldown_epochs: int = 10
-    quant_lr: float | None = None  # own lr for quantizer steps/offsets/learnable biases
-    clip_grad: float | None = None
-    clip_mode: str = "norm"
-    lr_scale_rule: str = "none"  # applied by qat.run before the module is built
+from qat.guards import NonFiniteError, non_finite_report
+from qat.optim import OptimConfig, clip_gradients, cosine_schedule, param_groups
 
 
 class LitClassifier(L.LightningModule):
@@ -47,13 +26,16 @@ class LitClassifier(L.LightningModule):
         smoothing: label smoothing when mixup is off.
         teacher: frozen teacher; kept out of the state_dict, the optimizer and DDP.
         distill: a qat.distill.DistillLoss, required with a teacher or a label head.
-        calibration: callable returning a training batch (x, y) to initialise quantizer steps.
         seed: base seed; each epoch reseeds from (seed, epoch, rank) so resumed runs match.
+        erasing: timm RandomErasing applied to the mixed, normalized training batch (qat.data.build_batch_erasing),
+            or None.
+
+    Quantizers are initialised and their steps clamped by `qat.quant.QuantizationCallback`, not here.
     """
 
     def __init__(self, model: nn.Module, optim: OptimConfig, recipe: dict, mixup=None, mixup_off_epoch: int = 0,
                  smoothing: float = 0.0, teacher: nn.Module | None = None, distill: nn.Module | None = None,
-                 calibration=None, seed: int = 42):
+                 seed: int = 42, erasing=None):
         super().__init__()
         self.model = model
         self.optim = optim
@@ -62,13 +44,15 @@ class LitClassifier(L.LightningModule):
         self.mixup_off_epoch = mixup_off_epoch
         self.distill = distill
         self.__dict__["teacher"] = teacher  # not a submodule: never saved, trained or DDP-wrapped
-        self.calibration = calibration
         self.seed = seed
+        self.erasing = erasing
         self.base_loss = SoftTargetCrossEntropy() if mixup is not None else (
             LabelSmoothingCrossEntropy(smoothing) if smoothing > 0 else nn.CrossEntropyLoss())
         num_classes = recipe["num_classes"]
         self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1, average="micro")
         self.val_acc5 = MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro")
+        self.val_acc1_best = MaxMetric()
+        self.val_acc1_best.persistent(True)  # resumed runs keep their best
         self.test_acc1 = self.val_acc1.clone()
         self.test_acc5 = self.val_acc5.clone()
 
@@ -77,26 +61,8 @@ class LitClassifier(L.LightningModule):
         if self.teacher is not None:
             self.teacher.to(self.device)
             self.trainer.precision_plugin.convert_module(self.teacher)
-        pending = [n for n, q in quantizers(self.model) if not q.is_initialized]
-        if pending and self.calibration is not None:
-            x, _ = self.calibration()
-            was_training = self.model.training
-            with torch.no_grad():
-                self.model.train()(x.to(self.device))
-            self.model.train(was_training)
-            log.info("initialised %d quantizer steps from a calibration batch of %d images", len(pending), len(x))
-        if self.trainer.world_size > 1 and pending:
-            self._check_steps_match_across_ranks()
-
-    def _check_steps_match_across_ranks(self) -> None:
-        named = list(quantizers(self.model))
-        steps = torch.cat([q.step.detach().flatten() for _, q in named])
-        owner = [n for n, q in named for _ in range(q.step.numel())]
-        gathered = self.all_gather(steps)  # (world, n)
-        differ = (gathered != gathered[0]).any(0).nonzero()
-        if len(differ):
-            raise RuntimeError(f"quantizer steps differ across ranks after initialisation: {owner[differ[0].item()]}")
-        log.info("quantizer steps identical on all %d ranks after initialisation", self.trainer.world_size)
+        if self.erasing is not None:
+            self.erasing.device = self.device  # its N(0, 1) pixels are drawn where the batch is
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         if batch_idx == 0:  # model/mixup randomness of an epoch depends only on (seed, epoch, rank)
@@ -113,13 +79,17 @@ class LitClassifier(L.LightningModule):
         targets = y
         if self.mixup is not None:
             x, targets = self.mixup(x, y)
+        if self.erasing is not None:  # after mixing, as the original's GPU erasing (reference §2.3)
+            x = self.erasing(x)
         loss, terms, logits = self._loss(x, targets)
         if not torch.isfinite(loss):
             raise NonFiniteError(self._non_finite_report(loss, x))
         for name, value in terms.items():
             self.log(f"train/{name}", value, on_step=True, on_epoch=True)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
-        self.log("train/acc1", (logits.argmax(-1) == y).float().mean(), on_step=False, on_epoch=True, prog_bar=True)
+        labels = targets.argmax(-1) if targets.ndim == 2 else y  # mixed targets: their dominant class
+        self.log("train/acc1", (logits.argmax(-1) == labels).float().mean(), on_step=False, on_epoch=True,
+                 prog_bar=True)
         return loss
 
     def _loss(self, x, targets):
@@ -133,23 +103,22 @@ class LitClassifier(L.LightningModule):
                 t_out = self.teacher(x, return_features=need_feats)
             t_logits, t_feats = t_out if need_feats else (t_out, None)
             if self.global_step == 0 and not torch.isfinite(t_logits).all():
-                raise NonFiniteError("the teacher produced non-finite logits on the first batch: check kd.checkpoint")
+                raise NonFiniteError("the teacher produced non-finite logits on the first batch: "
+                                     "check kd.teacher.checkpoint")
         label_logits = None
         pooled, feats = self.model.forward_features(x)
         logits = self.model.forward_head(pooled)
         if self.distill.two_head_alpha is not None:
             label_logits = self.model.forward_head(pooled, label=True)
-        loss, terms = self.distill(logits, t_logits, targets, self.base_loss, student_feats=feats if need_feats else None,
+        loss, terms = self.distill(logits, t_logits, targets, self.base_loss,
+                                   student_feats=feats if need_feats else None,
                                    teacher_feats=t_feats, label_logits=label_logits)
         return loss, terms, logits
 
     def _non_finite_report(self, loss, x) -> str:
-        bad_steps = [n for n, q in quantizers(self.model) if not q.has_finite_params()]
-        first_bad = find_non_finite(self.model, x)
         self._save_crash_checkpoint()
         return (f"non-finite loss ({loss.item()}) at global step {self.global_step}, epoch {self.current_epoch}; "
-                f"quantizers with non-finite step/offset: {bad_steps or 'none'}; first layer with non-finite "
-                f"output: {first_bad or 'none (check the loss inputs)'}. Saved crash.ckpt in the checkpoint dir.")
+                f"{non_finite_report(self.model, x)}. Saved crash.ckpt in the checkpoint dir.")
 
     def _save_crash_checkpoint(self) -> None:
         ckpt_cb = getattr(self.trainer, "checkpoint_callback", None)
@@ -171,19 +140,24 @@ class LitClassifier(L.LightningModule):
     def validation_step(self, batch, batch_idx: int):
         self._eval_step(batch, "val", self.val_acc1, self.val_acc5)
 
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:
+            self.val_acc1_best.update(self.val_acc1.compute())
+            self.log("val/acc1_best", self.val_acc1_best.compute(), sync_dist=True)
+
     def test_step(self, batch, batch_idx: int):
         self._eval_step(batch, "test", self.test_acc1, self.test_acc5)
 
     # ---- optimisation ------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim
-        groups = param_groups(self.model, o.weight_decay, o.quant_lr, is_quant_param)
+        groups = param_groups(self.model, o.weight_decay, o.quant_lr, o.decay_embeddings)
         if self.distill is not None:
             groups += [{"params": list(self.distill.parameters()), "weight_decay": 0.0, "name": "distill"}]
             groups = [g for g in groups if g["params"]]
         optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr, o.min_lr,
-                                    o.cooldown_epochs)
+        scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr,
+                                    o.min_lr, o.cooldown_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
@@ -192,10 +166,6 @@ class LitClassifier(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if self.optim.clip_grad is not None:  # runs on unscaled gradients under AMP
             clip_gradients(self.model, self.optim.clip_grad, self.optim.clip_mode)
-
-    def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        clamp_steps_(self.model)
 
     def on_train_epoch_end(self) -> None:
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)

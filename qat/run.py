@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from qat.builders import as_dict, build, build_quant
-from qat.callbacks import AtomicCheckpointIO, RunSummary, Throughput
+from qat.callbacks import AtomicCheckpointIO, LastCheckpoint, RunSummary, Throughput
 from qat.checkpoint import init_from
 from qat.data import build_mixup
 from qat.distill import load_teacher
@@ -110,9 +110,10 @@ def run_meta(cfg: DictConfig, model, recipe: dict, kd_meta: dict, init_info: dic
 def build_callbacks(cfg: DictConfig, output_dir: Path, meta: dict, quantized: bool, calibration) -> list:
     """Checkpoints (best on val/acc1, last), summary.json, throughput, quantizer lifecycle and telemetry."""
     checkpointing = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/acc1",
-                                    mode="max", save_last=True, save_top_k=1, enable_version_counter=False,
+                                    mode="max", save_top_k=1, enable_version_counter=False,
                                     auto_insert_metric_name=False)
-    callbacks = [checkpointing, RunSummary(output_dir, meta), Throughput()]
+    last = LastCheckpoint(output_dir / "checkpoints")  # every epoch; Lightning's save_last follows best only
+    callbacks = [checkpointing, last, RunSummary(output_dir, meta), Throughput()]
     if quantized:
         callbacks.append(QuantizationCallback(calibration))
         if cfg.telemetry.every_n_steps:
@@ -167,7 +168,7 @@ def fit_and_test(cfg: DictConfig, trainer: L.Trainer, module: LitClassifier, dat
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_path(cfg, output_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if cfg.test_after_fit and not trainer.fast_dev_run and trainer.checkpoint_callback.best_model_path:
-        trainer.test(module, datamodule=datamodule, ckpt_path="best")
+        trainer.test(module, datamodule=datamodule, ckpt_path=trainer.checkpoint_callback.best_model_path)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")})
     return metrics
 

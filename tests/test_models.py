@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat.models import CCT, CifarResNet, CompactTransformer, QuantPoint, TimmModel, ViTLite, create_model, list_models
+from qat.models import (CCT, CifarResNet, CompactTransformer, QatModel, QuantPoint, TimmModel, ViTLite, create_model,
+                        list_models)
 from qat.models.layers import TokenBatchNorm, TransformerEncoderLayer, sinusoidal_embedding
 from qat.models.resnet_cifar import BasicBlock
 
@@ -44,6 +45,20 @@ def test_registered_model_forward_backward(name):
         matched = fnmatch.filter(modules, pattern)
         assert matched, f"{name}: quant pattern {pattern!r} matches nothing"
         assert all(isinstance(modules[m], (nn.Linear, nn.Conv2d)) for m in matched)
+
+
+def test_every_family_implements_the_protocol_once():
+    for name in ("vit_2_4_32", "cct_2_3x2_32", "resnet20", "resnet10t"):
+        model = create_model(name)
+        assert isinstance(model, QatModel) and type(model).forward is QatModel.forward
+        assert isinstance(model.default_quant_modules, list) and isinstance(model.non_negative_inputs, list)
+
+    class HeadMissing(QatModel):
+        def forward_features(self, x):
+            return x, [x]
+
+    with pytest.raises(TypeError, match="abstract method.*forward_head"):
+        HeadMissing()
 
 
 @pytest.mark.parametrize("name, num_classes, total, trainable", [

@@ -1,4 +1,4 @@
-"""Compiled LSQ kernels (trainer.compile=quantizers): the eager path's values bit for bit, its gradients to
+"""Compiled LSQ kernels (compile=quantizers): the eager path's values bit for bit, its gradients to
 float rounding, one compilation for every shape of a rank, and an eager fallback when compiling fails."""
 import copy
 

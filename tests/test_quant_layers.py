@@ -41,6 +41,19 @@ def test_from_float_and_to_float_share_parameters(make, cls):
 
 
 @pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_conv, QuantConv2d)])
+def test_from_float_sets_the_quantizers_up_once_without_rng(make, cls, monkeypatch):
+    mod, _ = make()
+    calls = []
+    setup = cls._setup_quant
+    monkeypatch.setattr(cls, "_setup_quant", lambda self, *a: calls.append(a) or setup(self, *a))
+    state = torch.get_rng_state()
+    q = cls.from_float(mod, W2, A4, act_signed=False, learnable_bias=True)
+    assert calls == [(W2, A4, False, True)] and torch.equal(torch.get_rng_state(), state)
+    assert (q.act_quantizer.qmin, q.act_quantizer.qmax) == (0, 14) and q.weight_quantizer.step.device == mod.weight.device
+    assert q.input_bias.shape == ((12,) if cls is QuantLinear else (3, 1, 1)) and not q.input_bias.any()
+
+
+@pytest.mark.parametrize("make,cls", [(make_linear, QuantLinear), (make_conv, QuantConv2d)])
 def test_no_quantizers_same_keys_and_outputs_as_float(make, cls):
     mod, x = make()
     q = cls.from_float(mod)
@@ -239,7 +252,7 @@ def test_fused_layer_with_frozen_tensors_matches_composition(make, cls, frozen):
 
 @pytest.mark.slow
 def test_compiled_quantized_vit_matches_eager():
-    # torch.compile traces the fused layer and the quantizers on q/k/v views (trainer.compile=true)
+    # torch.compile traces the fused layer and the quantizers on q/k/v views (compile=true)
     torch.manual_seed(SEED)
     model = quantize_(create_model("vit_2_4_32"), {"weight": {"bits": 2}, "act": {"bits": 2}, "attn": {"bits": 2}})
     x = torch.randn(4, 3, 32, 32)

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from qat.quant import (LSQQuantizer, QuantizerConfig, clamp_steps_, is_quant_param, lsq_fake_quant,
-                       non_finite_quantizers, quantizers)
+from qat.guards import non_finite_report
+from qat.quant import LSQQuantizer, QuantizerConfig, clamp_steps_, lsq_fake_quant, quantizers
 
 SEED = 123
 
@@ -119,12 +119,18 @@ def test_step_floor_and_clamp_steps():
     assert torch.equal(model[0].step, torch.tensor([1e-5])) and torch.equal(model[1].step, torch.tensor([0.3]))
 
 
-def test_non_finite_quantizers():
+def test_non_finite_report_names_the_quantizer_and_the_first_layer():
     model = nn.Sequential(LSQQuantizer(4), LSQQuantizer(4, learnable_offset=True))
-    assert non_finite_quantizers(model) == []
+    for q in model:
+        q.initialized.fill_(1)
+    x = torch.ones(3)
+    assert non_finite_report(model, x) == ("quantizers with non-finite step/offset: none; first layer with "
+                                           "non-finite output: none (check the loss inputs)")
     with torch.no_grad():
         model[1].offset.fill_(float("nan"))
-    assert non_finite_quantizers(model) == ["1"] and [n for n, _ in quantizers(model)] == ["0", "1"]
+    assert non_finite_report(model, x) == ("quantizers with non-finite step/offset: ['1']; first layer with "
+                                           "non-finite output: 1 (LSQQuantizer)")
+    assert [n for n, _ in quantizers(model)] == ["0", "1"]
 
 
 def test_init_is_averaged_across_ranks(monkeypatch):
@@ -149,16 +155,6 @@ def test_from_config():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LSQQuantizer(**kwargs)
-
-
-def test_is_quant_param():
-    assert is_quant_param("classifier.blocks.0.self_attn.qkv.act_quantizer.step")
-    assert is_quant_param("classifier.blocks.0.linear1.weight_quantizer.offset")
-    assert is_quant_param("classifier.blocks.0.self_attn.q_quant.step")
-    assert is_quant_param("classifier.blocks.0.linear1.input_bias")
-    assert not is_quant_param("classifier.blocks.0.linear1.weight")
-    assert not is_quant_param("classifier.blocks.0.linear1.bias")
-    assert not is_quant_param("scheduler.step")
 
 
 def _init_on_rank(rank: int, init_file: str, out: str) -> None:

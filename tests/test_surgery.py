@@ -1,4 +1,4 @@
-"""quantize_ on real models: which modules, signedness, attention points, state_dict round trip, errors."""
+"""quantize_ on real models: modules, attention points, state_dict round trip, errors (signs: test_signedness)."""
 import logging
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from qat.models import QuantPoint, create_model
-from qat.quant import (LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear, clamp_steps_, is_quant_param,
-                       quantize_, quantizers)
+from qat.optim import quant_parameters
+from qat.quant import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear, clamp_steps_, quantize_, quantizers
 
 SEED = 123
 W2A2 = {"weight": {"bits": 2}, "act": {"bits": 2}}
@@ -39,18 +39,18 @@ def test_vit_weight_and_act_replace_exactly_the_24_block_linears(caplog):
         assert q.name == name and q.signed and (q.qmin, q.qmax) == (-1, 1)
 
 
-@pytest.mark.parametrize("probs_signed", [False, True])
-def test_vit_attention_points(probs_signed, caplog):
+@pytest.mark.parametrize("signed", [None, True])
+def test_vit_attention_points(signed, caplog):
     model = create_model("vit_6_4_32")
     with caplog.at_level(logging.INFO, logger="qat.quant.surgery"):
-        quantize_(model, QuantConfig(**W2A2, attn={"bits": 2, "probs_signed": probs_signed}))
+        quantize_(model, QuantConfig(**W2A2, attn={"bits": 2, "signed": signed}))
     assert "24 layers quantized (weight 2b, act 2b), 24 attention points (2b)" in caplog.text
     points = {n: m for n, m in model.named_modules() if n.endswith(POINTS)}
     assert set(points) == {f"classifier.blocks.{i}.self_attn.{p}" for i in range(6) for p in POINTS}
     assert all(isinstance(m, LSQQuantizer) for m in points.values()) and len(list(quantizers(model))) == 72
     attn = model.classifier.blocks[0].self_attn
     assert [(q.qmin, q.qmax) for q in (attn.q_quant, attn.k_quant, attn.v_quant)] == [(-1, 1)] * 3
-    assert (attn.attn_quant.qmin, attn.attn_quant.qmax) == ((-1, 1) if probs_signed else (0, 2))
+    assert (attn.attn_quant.qmin, attn.attn_quant.qmax) == ((-1, 1) if signed else (0, 2))
 
 
 def test_attention_probabilities_take_the_unsigned_levels():
@@ -78,35 +78,18 @@ def test_state_dict_round_trip_is_bit_exact_and_keeps_steps():
     fresh.load_state_dict(model.state_dict(), strict=True)
     assert all(q.is_initialized for _, q in quantizers(fresh))
     assert torch.equal(fresh.eval()(images(seed=1)), out)
-    steps = {n: p.clone() for n, p in fresh.named_parameters() if is_quant_param(n)}
+    steps = [p.clone() for p in quant_parameters(fresh)]
     fresh.train()(images(seed=2) * 10)  # no re-initialisation from new data
-    assert all(torch.equal(p, steps[n]) for n, p in fresh.named_parameters() if is_quant_param(n))
+    assert all(torch.equal(p, step) for p, step in zip(quant_parameters(fresh), steps))
 
 
 def test_quant_params_are_the_steps_offsets_and_input_biases():
     model = quantize_(create_model("vit_2_4_32"), QuantConfig(weight={"bits": 2}, act={"bits": 2,
                                                                    "learnable_offset": True}, learnable_bias=True))
-    picked = {n for n, _ in model.named_parameters() if is_quant_param(n)}
+    ids = {id(p) for p in quant_parameters(model)}
+    picked = {n for n, p in model.named_parameters() if id(p) in ids}
     assert len(picked) == 8 * 4  # 8 layers x (weight step, act step, act offset, input bias)
     assert picked == {n for n, _ in model.named_parameters() if n.endswith(("step", "offset", "input_bias"))}
-
-
-@pytest.mark.parametrize("extra,unsigned_layers", [
-    ({}, {"linear2"}),  # the model says linear2's input is post-ReLU
-    ({"unsigned": ["*.linear1"]}, {"linear1", "linear2"}),  # reference §3.6 (use_relu: every 'linear')
-    ({"signed": ["*.linear2"]}, set()),
-])
-def test_activation_signedness(extra, unsigned_layers):
-    model = quantize_(create_model("vit_2_4_32", use_relu=True), QuantConfig(act={"bits": 2}, **extra))
-    unsigned = {n.split(".")[-2] for n, q in quantizers(model) if not q.signed}
-    assert unsigned == unsigned_layers
-
-
-def test_explicit_act_signed_applies_everywhere():
-    model = quantize_(create_model("vit_2_4_32", use_relu=True), QuantConfig(act={"bits": 2, "signed": False}))
-    assert {q.signed for _, q in quantizers(model)} == {False}
-    with pytest.raises(ValueError, match=r"quant.unsigned is set but quant.act.signed=False"):
-        QuantConfig(act={"bits": 2, "signed": False}, unsigned=["*.linear1"])
 
 
 def test_exclude_and_filter_fn():
@@ -169,5 +152,5 @@ def test_quantizing_twice_is_an_error():
 
 def test_config_from_plain_dicts():
     cfg = QuantConfig(**{"weight": {"bits": 2}, "act": None, "attn": {"bits": 2}, "modules": "*.linear1"})
-    assert cfg.weight.bits == 2 and cfg.attn.probs_signed is False and cfg.modules == ["*.linear1"]
+    assert cfg.weight.bits == 2 and cfg.attn.signed is None and cfg.modules == ["*.linear1"]
     assert QuantConfig().is_fp and not cfg.is_fp

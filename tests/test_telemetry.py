@@ -12,8 +12,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from qat.models import create_model
-from qat.module import LitClassifier, OptimConfig
-from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLinear, quantize_, quantizers
+from qat.module import LitClassifier
+from qat.optim import OptimConfig
+from qat.quant import (LSQQuantizer, QuantConfig, QuantizationCallback, QuantizerConfig, QuantLinear, quantize_,
+                       quantizers)
 from qat.telemetry import QuantTelemetry, weight_stats
 
 # w / 0.5 = [-2, -0.25, 0.25, 0.75 | 3, 1, -1, 0]: -2 and 3 clip; levels [-1, 0, 0, 1 | 1, 1, -1, 0]
@@ -144,8 +146,9 @@ def test_training_writes_telemetry_to_the_csv(tmp_path):
                            recipe={"num_classes": 10})
     data = TensorDataset(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     telemetry = QuantTelemetry(every_n_steps=2, histograms_every_n_epochs=1)
-    trainer = L.Trainer(max_steps=4, logger=CSVLogger(tmp_path), callbacks=[telemetry], accelerator="cpu",
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(max_steps=4, logger=CSVLogger(tmp_path), callbacks=[telemetry, QuantizationCallback()],
+                        accelerator="cpu", enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
     trainer.fit(module, DataLoader(data, batch_size=2))
     with open(f"{trainer.logger.log_dir}/metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -105,12 +105,16 @@ def decode(source: Source, split: str) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for label, cls in enumerate(source.classes):
         for f in image_files(source.path / split / cls):
-            with Image.open(f) as img:
-                images.append(np.asarray(img.convert("RGB")))
+            try:
+                with Image.open(f) as img:
+                    images.append(np.asarray(img.convert("RGB")))
+            except (OSError, SyntaxError) as err:  # PIL: truncated or not an image
+                raise ValueError(f"cannot decode image {f} ({err}): replace or delete that file") from None
             labels.append(label)
     shapes = {im.shape for im in images}
     if len(shapes) > 1:
-        raise ValueError(f"images in {source.path / split} have different sizes {sorted(shapes)[:3]}...; resize them first")
+        raise ValueError(f"images in {source.path / split} have different sizes {sorted(shapes)[:3]}...; "
+                         "resize them first")
     return np.stack(images), np.asarray(labels, dtype=np.int64)
 
 

@@ -15,6 +15,7 @@ AUG_DEFAULTS = {  # the log's baseline recipe
     "scale": (0.8, 1.0),
     "hflip": 0.5,
     "reprob": 0.0,                # random erasing, pixel mode
+    "erase_on_batch": False,      # true: erase the mixed, normalized batch (the original); false: per sample
     "mixup": 0.8,                 # mixup alpha; 0 leaves CutMix on ('CutMix-only')
     "cutmix": 1.0,
     "mixup_off_epoch": 175,       # epoch from which mixing stops; 0 = never
@@ -55,7 +56,7 @@ def train_transform(img_size: int, mean, std, aug: dict | None = None) -> T.Comp
     elif aug["color_jitter"]:
         steps.append(T.ColorJitter(*(3 * [aug["color_jitter"]])))
     steps += [T.ToTensor(), T.Normalize(mean, std)]
-    if aug["reprob"] > 0:
+    if aug["reprob"] > 0 and not aug["erase_on_batch"]:
         steps.append(RandomErasing(aug["reprob"], mode="pixel", max_count=1, device="cpu"))
     return T.Compose(steps)
 
@@ -63,6 +64,15 @@ def train_transform(img_size: int, mean, std, aug: dict | None = None) -> T.Comp
 def eval_transform(img_size: int, mean, std) -> T.Compose:
     return T.Compose([T.Resize(img_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(img_size),
                       T.ToTensor(), T.Normalize(mean, std)])
+
+
+def build_batch_erasing(aug: dict | None) -> RandomErasing | None:
+    """Random erasing of the training batch after mixup (pixel mode, one box, prob `reprob`), as the original ran
+    it on the GPU batch (reference §2.3); None unless `erase_on_batch` is set and `reprob` > 0."""
+    aug = check_aug(aug)
+    if not aug["erase_on_batch"] or aug["reprob"] <= 0:
+        return None
+    return RandomErasing(aug["reprob"], mode="pixel", max_count=1, device="cpu")  # LitClassifier sets the device
 
 
 def build_mixup(aug: dict | None, num_classes: int) -> Mixup | None:

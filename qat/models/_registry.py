@@ -5,14 +5,14 @@ import warnings
 from typing import Callable
 
 import timm
-from torch import nn
 
+from qat.models.base import QatModel
 from qat.models.timm_model import TimmModel
 
-_entrypoints: dict[str, Callable[..., nn.Module]] = {}
+_entrypoints: dict[str, Callable[..., QatModel]] = {}
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+def register_model(fn: Callable[..., QatModel]) -> Callable[..., QatModel]:
     """Register `fn` under its `__name__`; `fn(num_classes=..., **kwargs)` must build the model."""
     if fn.__name__ in _entrypoints:
         warnings.warn(f"model {fn.__name__!r} registered twice; the later entrypoint wins", stacklevel=2)
@@ -26,7 +26,7 @@ def list_models(pattern: str | None = None) -> list[str]:
     return names if pattern is None else fnmatch.filter(names, pattern)
 
 
-def create_model(name: str, num_classes: int = 10, pretrained: bool = False, **overrides) -> nn.Module:
+def create_model(name: str, num_classes: int = 10, pretrained: bool = False, **overrides) -> QatModel:
     """Build a registered model, or any timm model (wrapped by `TimmModel`), with `overrides` as kwargs.
 
     Args:
@@ -38,7 +38,7 @@ def create_model(name: str, num_classes: int = 10, pretrained: bool = False, **o
     if name in _entrypoints:
         if pretrained:
             raise ValueError(f"pretrained=True: qat model {name!r} has no downloadable weights; start from a "
-                             "checkpoint instead (init_from / kd.checkpoint)")
+                             "checkpoint instead (init_from / kd.teacher.checkpoint)")
         return _entrypoints[name](num_classes=num_classes, **overrides)
     if timm.is_model(name):
         return TimmModel(name, num_classes=num_classes, pretrained=pretrained, **overrides)

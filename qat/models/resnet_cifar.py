@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qat.models._registry import register_model
+from qat.models.base import QatModel
 
 
 class BasicBlock(nn.Module):
@@ -31,7 +32,7 @@ class BasicBlock(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(QatModel):
     """ResNet-(6n+2) for 32x32 inputs: conv 3x3 stem, three stages of n BasicBlocks, global pool, fc.
 
     Features (for distillation) are the three stage outputs (B, 16, 32, 32), (B, 32, 16, 16), (B, 64, 8, 8).
@@ -71,11 +72,6 @@ class CifarResNet(nn.Module):
         if label:
             raise ValueError("forward_head(label=True): CIFAR ResNets have no second (label) head")
         return self.fc(pooled)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        pooled, features = self.forward_features(x)
-        logits = self.forward_head(pooled)
-        return (logits, features) if return_features else logits
 
 
 @register_model

@@ -1,10 +1,12 @@
-"""Any timm model behind the qat model API (forward_features -> (pooled, features), forward_head)."""
+"""Any timm model behind the qat model protocol (`QatModel`)."""
 import timm
 import torch
 from torch import nn
 
+from qat.models.base import QatModel
 
-class TimmModel(nn.Module):
+
+class TimmModel(QatModel):
     """Wraps `timm.create_model(name, num_classes=..., pretrained=..., **kwargs)` as `self.model`.
 
     Features are the outputs of the items of `model.blocks` when the timm model has such a container
@@ -39,8 +41,3 @@ class TimmModel(nn.Module):
         if label:
             raise ValueError("forward_head(label=True): timm models have no second (label) head")
         return self.model.get_classifier()(pooled)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        pooled, features = self.forward_features(x)
-        logits = self.forward_head(pooled)
-        return (logits, features) if return_features else logits

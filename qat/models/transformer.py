@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from qat.models._registry import register_model
+from qat.models.base import QatModel
 from qat.models.layers import Tokenizer, TransformerEncoderLayer, make_norm, sinusoidal_embedding
 
 PositionalEmbedding = Literal["learnable", "sine", "none"]
@@ -98,8 +99,8 @@ class TransformerClassifier(nn.Module):
         return self.fc_label(pooled)
 
 
-class CompactTransformer(nn.Module):
-    """`tokenizer` + `classifier` (TransformerClassifier) with the qat model API (forward_features/forward_head)."""
+class CompactTransformer(QatModel):
+    """`tokenizer` + `classifier` (TransformerClassifier) behind the qat model protocol (`QatModel`)."""
 
     def __init__(self, tokenizer: Tokenizer, img_size: int, in_chans: int, seq_pool: bool, use_relu: bool,
                  **classifier_kwargs):
@@ -117,11 +118,6 @@ class CompactTransformer(nn.Module):
 
     def forward_head(self, pooled: torch.Tensor, label: bool = False) -> torch.Tensor:
         return self.classifier.forward_head(pooled, label)
-
-    def forward(self, x: torch.Tensor, return_features: bool = False):
-        pooled, features = self.forward_features(x)
-        logits = self.forward_head(pooled)
-        return (logits, features) if return_features else logits
 
 
 class ViTLite(CompactTransformer):

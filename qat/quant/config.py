@@ -1,7 +1,8 @@
 """Quantization settings as validated dataclasses (the `quant` config group builds QuantConfig)."""
 import dataclasses
+import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 
 from qat.quant.quantizers import INITS
 
@@ -20,7 +21,7 @@ class QuantizerConfig:
 
     bits: int  # 1..8; 1-bit signed = sign(x) * step
     symmetric: bool = True  # False = 'asym': one extra level (e.g. [-2, 1] at 2 bits), no zero point
-    signed: bool | None = None  # None = auto: unsigned where the layer input is known >= 0
+    signed: bool | None = None  # None = auto: unsigned where the input is known >= 0 (see QuantConfig)
     per_channel: bool = False  # one step per output channel (weights only)
     learnable_offset: bool = False  # LSQ+ learnable offset
     init: str = "lsq"  # 'lsq' 2*mean|x|/sqrt(Qp) | 'minmax' | 'mse'
@@ -33,14 +34,20 @@ class QuantizerConfig:
 
 @dataclass
 class AttnQuantConfig:
-    """Quantizers on q, k, v (signed) and on the softmax output inside every attention."""
+    """Quantizers on q, k, v and on the softmax output inside every attention."""
 
     bits: int  # 1..8, shared by the four quantizers
     symmetric: bool = True
-    probs_signed: bool = False  # False: softmax levels {0, 1, 2} at 2 bits ('pos attn'); True: {-1, 0, 1}
+    # None = auto: q, k, v signed, softmax output unsigned ({0, 1, 2} at 2 bits, 'pos attn');
+    # True = all signed (softmax {-1, 0, 1}: the log's first 'attn q' runs)
+    signed: bool | None = None
+    probs_signed: InitVar[bool | None] = None  # removed: quant.attn.signed
 
-    def __post_init__(self):
+    def __post_init__(self, probs_signed):
         _check_bits(self.bits)
+        if probs_signed:
+            raise ValueError("quant.attn.probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
+                             "(softmax levels {-1, 0, 1}); null = auto ({0, 1, 2})")
 
 
 def _nested(cls, value, where: str):
@@ -50,13 +57,27 @@ def _nested(cls, value, where: str):
     if not isinstance(value, Mapping):
         raise TypeError(f"{where} must be a mapping, {cls.__name__} or null, got {type(value).__name__}")
     valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(value) - set(valid))
+    unknown = sorted(set(value) - set(inspect.signature(cls).parameters))  # removed keys raise in the class
     if unknown:
         raise TypeError(f"{where}: unknown keys {unknown}; valid keys are {valid}")
     try:
         return cls(**value)
     except ValueError as err:
         raise ValueError(f"{where}.{err}") from None
+
+
+def _example(patterns) -> str:
+    return _patterns(patterns, "")[0] if patterns else "<pattern>"
+
+
+def _overrides(value) -> dict[str, bool]:
+    """quant.signed_overrides as a {fnmatch pattern: bool} dict (null: none)."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) and isinstance(v, bool) for k, v in value.items()):
+        raise TypeError(f"quant.signed_overrides must map fnmatch patterns to true/false, got {value!r}; "
+                        "e.g. {'classifier.blocks.*.linear1': false}")
+    return dict(value)
 
 
 def _patterns(value, where: str) -> list[str]:
@@ -71,8 +92,14 @@ def _patterns(value, where: str) -> list[str]:
 class QuantConfig:
     """What to quantize and how (reference §3).
 
+    Signedness of an activation quantizer (a layer input or an attention QuantPoint), one rule:
+    the last `signed_overrides` pattern matching its name, else `act.signed` (layers) / `attn.signed`
+    (points), else auto: unsigned where the model marks the input >= 0 (`non_negative_inputs`,
+    `QuantPoint.non_negative`), signed elsewhere.
+
     Example:
-        QuantConfig(weight={"bits": 2}, act={"bits": 2}, attn={"bits": 2})
+        QuantConfig(weight={"bits": 2}, act={"bits": 2}, attn={"bits": 2},
+                    signed_overrides={"classifier.blocks.*.linear1": False})
     """
 
     weight: QuantizerConfig | None = None  # weight quantizer of every selected layer
@@ -80,25 +107,26 @@ class QuantConfig:
     attn: AttnQuantConfig | None = None  # q, k, v and softmax-output quantizers (QuantPoints)
     modules: list[str] | None = None  # fnmatch patterns of layers; None = model.default_quant_modules
     exclude: list[str] = field(default_factory=list)  # patterns removed from the selection
-    unsigned: list[str] = field(default_factory=list)  # layers whose input quantizer is forced unsigned
-    signed: list[str] = field(default_factory=list)  # layers whose input quantizer is forced signed
+    signed_overrides: dict[str, bool] | None = None  # {pattern: signed}, wins over the rest; None = {}
     learnable_bias: bool = False  # zero-init learnable bias added before each activation quantizer
+    unsigned: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: false}
+    signed: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: true}
 
-    def __post_init__(self):
+    def __post_init__(self, unsigned, signed):
+        for old, value in (("unsigned", unsigned), ("signed", signed)):
+            if value:  # an empty list (old checkpoints' default) meant nothing
+                raise ValueError(f"quant.{old} was replaced by quant.signed_overrides: write "
+                                 f"quant.signed_overrides={{{_example(value)}: {str(old == 'signed').lower()}}}")
         self.weight = _nested(QuantizerConfig, self.weight, "quant.weight")
         self.act = _nested(QuantizerConfig, self.act, "quant.act")
         self.attn = _nested(AttnQuantConfig, self.attn, "quant.attn")
         if self.modules is not None:
             self.modules = _patterns(self.modules, "quant.modules")
-        for name in ("exclude", "unsigned", "signed"):
-            setattr(self, name, _patterns(getattr(self, name), f"quant.{name}"))
+        self.exclude = _patterns(self.exclude, "quant.exclude")
+        self.signed_overrides = _overrides(self.signed_overrides)
         if self.act is not None and self.act.per_channel:
             raise ValueError("quant.act.per_channel=True is not supported: activations use one step per tensor; "
                              "per-channel steps are for weights (quant.weight.per_channel)")
-        forced = [n for n in ("unsigned", "signed") if getattr(self, n)]
-        if forced and (self.act is None or self.act.signed is not None):
-            why = "quant.act is null" if self.act is None else f"quant.act.signed={self.act.signed} applies to all"
-            raise ValueError(f"quant.{forced[0]} is set but {why}; set quant.act.signed=null to pick per layer")
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

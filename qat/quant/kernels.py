@@ -1,5 +1,5 @@
 """LSQ(+) elementwise math compiled by torch.compile (Inductor): one pass over x in forward, one over x and the
-gradient in backward, instead of the ~11 passes of the eager ops (`trainer.compile=quantizers`).
+gradient in backward, instead of the ~11 passes of the eager ops (`compile=quantizers`).
 
 Same formulas as the eager path in `functional`: on CPU the values and dx are bit-exact (tested), the
 step/offset gradient sums add in another order. Shapes, strides and the level range are dynamic, so one

@@ -21,15 +21,16 @@ class QuantLayerMixin:
 
     float_cls: type[nn.Module]
 
-    def _setup_quant(self, weight_cfg, act_cfg, act_signed: bool, learnable_bias: bool, bias_shape: tuple) -> None:
+    def _setup_quant(self, weight_cfg, act_cfg, act_signed: bool, learnable_bias: bool) -> None:
+        """Add the quantizers and the optional input bias, on the weight's device (called once per layer)."""
         device = self.weight.device
         self.weight_quantizer = nn.Identity() if weight_cfg is None else LSQQuantizer.from_config(
             weight_cfg, signed=True if weight_cfg.signed is None else weight_cfg.signed,
             channels=self.weight.shape[0], ch_axis_ndim=self.weight.ndim).to(device)
         self.act_quantizer = nn.Identity() if act_cfg is None else LSQQuantizer.from_config(
             act_cfg, signed=act_signed).to(device)
-        self.register_parameter("input_bias", nn.Parameter(torch.zeros(bias_shape, device=device)) if learnable_bias
-                                else None)
+        bias = nn.Parameter(torch.zeros(self._input_bias_shape(), device=device)) if learnable_bias else None
+        self.register_parameter("input_bias", bias)
 
     def _quant_forward(self, op, x: torch.Tensor, float_forward) -> torch.Tensor:
         """The layer on Q_a(x + input_bias) and Q_w(W); `op` (None: not fusable) fuses the input quantizer."""
@@ -44,10 +45,15 @@ class QuantLayerMixin:
     @classmethod
     def from_float(cls, mod: nn.Module, weight_cfg=None, act_cfg=None, act_signed: bool = True,
                    learnable_bias: bool = False):
-        """Wrap `mod`, sharing its weight and bias Parameter objects (no copy)."""
-        new = cls(**cls._float_args(mod), bias=mod.bias is not None, device="meta")
+        """Wrap `mod`, sharing its weight and bias Parameter objects (no copy).
+
+        Only the float layer's constructor runs (on the meta device: no allocation, no RNG use), then its
+        Parameters are swapped for `mod`'s and the quantizers are set up, once.
+        """
+        new = cls.__new__(cls)
+        cls.float_cls.__init__(new, **cls._float_args(mod), bias=mod.bias is not None, device="meta")
         new.weight, new.bias = mod.weight, mod.bias
-        new._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, new.input_bias_shape)
+        new._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias)
         return new.train(mod.training)
 
     def to_float(self) -> nn.Module:
@@ -66,12 +72,14 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_cfg=None, act_cfg=None,
                  act_signed: bool = True, learnable_bias: bool = False, device=None, dtype=None):
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.input_bias_shape = (in_features,)
-        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, self.input_bias_shape)
+        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias)
 
     @staticmethod
     def _float_args(mod: nn.Linear) -> dict:
         return {"in_features": mod.in_features, "out_features": mod.out_features}
+
+    def _input_bias_shape(self) -> tuple:
+        return (self.in_features,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._quant_forward(LinearOp, x, F.linear)
@@ -85,14 +93,16 @@ class QuantConv2d(QuantLayerMixin, nn.Conv2d):
                  act_signed: bool = True, learnable_bias: bool = False, device=None, dtype=None):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, padding_mode,
                          device=device, dtype=dtype)
-        self.input_bias_shape = (in_channels, 1, 1)
-        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias, self.input_bias_shape)
+        self._setup_quant(weight_cfg, act_cfg, act_signed, learnable_bias)
 
     @staticmethod
     def _float_args(mod: nn.Conv2d) -> dict:
         return {"in_channels": mod.in_channels, "out_channels": mod.out_channels, "kernel_size": mod.kernel_size,
                 "stride": mod.stride, "padding": mod.padding, "dilation": mod.dilation, "groups": mod.groups,
                 "padding_mode": mod.padding_mode}
+
+    def _input_bias_shape(self) -> tuple:
+        return (self.in_channels, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         zero_padded = self.padding_mode == "zeros" and not isinstance(self.padding, str)

@@ -178,16 +178,3 @@ def clamp_steps_(model: nn.Module) -> None:
     """Floor every step parameter at its eps; call after each optimizer step (reference §7.3)."""
     for _, q in quantizers(model):
         q.step.clamp_(min=q.eps)
-
-
-def non_finite_quantizers(model: nn.Module) -> list[str]:
-    """Names of quantizers whose step or offset holds NaN/Inf (for the NaN guard)."""
-    return [n for n, q in quantizers(model) if not q.has_finite_params()]
-
-
-def is_quant_param(name: str) -> bool:
-    """True for quantizer step/offset and learnable input-bias parameter names (own optimizer group)."""
-    *owner, leaf = name.split(".")
-    if leaf == "input_bias":
-        return True
-    return leaf in ("step", "offset") and (not owner or owner[-1].endswith(("quantizer", "_quant")))

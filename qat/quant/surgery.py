@@ -21,21 +21,20 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatchcase(name, p) for p in patterns)
 
 
-def _check_patterns(patterns: list[str], names: list[str], where: str) -> None:
+def _check_patterns(patterns: list[str], names: list[str], where: str, what: str = "Linear/Conv2d module") -> None:
     for pattern in patterns:
         if not any(fnmatchcase(n, pattern) for n in names):
             close = difflib.get_close_matches(pattern, names, n=SHOWN, cutoff=0.3) or names[:SHOWN]
-            raise ValueError(f"{where}: pattern {pattern!r} matches no Linear/Conv2d module; "
-                             f"module names look like {close}")
+            raise ValueError(f"{where}: pattern {pattern!r} matches no {what}; module names look like {close}")
 
 
-def _act_signed(model: nn.Module, config: QuantConfig, name: str) -> bool:
-    """Explicit quant.act.signed, else quant.signed patterns, else unsigned where the input is known >= 0."""
-    if config.act.signed is not None:
-        return config.act.signed
-    if _matches(name, config.signed):
-        return True
-    return not (_matches(name, getattr(model, "non_negative_inputs", [])) or _matches(name, config.unsigned))
+def _signed(config: QuantConfig, name: str, group_signed: bool | None, non_negative: bool) -> bool:
+    """The signedness rule for any activation quantizer (QuantConfig): the last matching override, else the
+    config group's `signed` (quant.act / quant.attn), else unsigned exactly where the input is known >= 0."""
+    matched = [signed for pattern, signed in config.signed_overrides.items() if fnmatchcase(name, pattern)]
+    if matched:
+        return matched[-1]
+    return group_signed if group_signed is not None else not non_negative
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -51,50 +50,67 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
     `default_quant_modules`, or every Linear/Conv2d when it has none), minus `config.exclude` and
     those for which `filter_fn(module, name)` is False, become QuantLinear/QuantConv2d with the weight
     and/or input-activation quantizers of the config. With `config.attn`, every attention QuantPoint
-    (kinds q, k, v: signed; attn_probs: unsigned unless probs_signed) becomes an LSQQuantizer.
+    (kinds q, k, v, attn_probs) becomes an LSQQuantizer. Signedness follows the QuantConfig rule (`_signed`).
     """
     if isinstance(config, Mapping):
         config = QuantConfig(**config)
     if any(True for _ in quantizers(model)):
         raise ValueError(f"{type(model).__name__} is already quantized: call quantize_ on a fresh model")
     layers = {n: m for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, nn.Conv2d))}
-    names = list(layers)
-    device = next((p.device for p in model.parameters()), "cpu")
-    quantized = []
-    if config.weight is not None or config.act is not None:
-        patterns, where = config.modules, "quant.modules"
-        if patterns is None:
-            patterns = getattr(model, "default_quant_modules", None) or ["*"]
-            where = f"{type(model).__name__}.default_quant_modules"
-        _check_patterns(patterns, names, where)
-        for key in ("exclude", "unsigned", "signed"):
-            _check_patterns(getattr(config, key), names, f"quant.{key}")
-        for name, mod in layers.items():
-            if (not _matches(name, patterns) or _matches(name, config.exclude)
-                    or (filter_fn is not None and not filter_fn(mod, name))):
-                continue
-            cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
-            signed = _act_signed(model, config, name) if config.act is not None else True
-            _replace(model, name, cls.from_float(mod, config.weight, config.act, signed, config.learnable_bias))
-            quantized.append(name)
-    points = []
-    if config.attn is not None:
-        found = [(n, m) for n, m in model.named_modules() if isinstance(m, QuantPoint) and m.kind in ATTN_KINDS]
-        if not found:
-            raise ValueError(f"quant.attn is set but model {type(model).__name__} has no attention quantization "
-                             f"points (QuantPoint of kind {list(ATTN_KINDS)}); set quant.attn=null")
-        for name, point in found:
-            if _matches(name, config.exclude) or (filter_fn is not None and not filter_fn(point, name)):
-                continue
-            signed = point.kind != "attn_probs" or config.attn.probs_signed
-            _replace(model, name, LSQQuantizer(config.attn.bits, signed=signed,
-                                               symmetric=config.attn.symmetric).to(device))
-            points.append(name)
+    points = {n: m for n, m in model.named_modules() if isinstance(m, QuantPoint) and m.kind in ATTN_KINDS}
+    _check_patterns(list(config.signed_overrides), list(layers) + list(points), "quant.signed_overrides",
+                    "Linear/Conv2d module or attention QuantPoint")
+    quantized = _quantize_layers(model, config, layers, filter_fn)
+    replaced = _quantize_points(model, config, points, filter_fn)
     for name, q in quantizers(model):
         q.name = name
     log.info("quantize_: %d layers quantized (weight %s, act %s), %d attention points (%s)", len(quantized),
-             _describe(config.weight), _describe(config.act), len(points), _describe(config.attn))
+             _describe(config.weight), _describe(config.act), len(replaced), _describe(config.attn))
     return model
+
+
+def _quantize_layers(model: nn.Module, config: QuantConfig, layers: dict[str, nn.Module],
+                     filter_fn: Callable | None) -> list[str]:
+    """Swap the selected Linear/Conv2d layers for QuantLinear/QuantConv2d; returns their names."""
+    if config.weight is None and config.act is None:
+        return []
+    names = list(layers)
+    patterns, where = config.modules, "quant.modules"
+    if patterns is None:
+        patterns = getattr(model, "default_quant_modules", None) or ["*"]
+        where = f"{type(model).__name__}.default_quant_modules"
+    _check_patterns(patterns, names, where)
+    _check_patterns(config.exclude, names, "quant.exclude")
+    non_negative = getattr(model, "non_negative_inputs", [])
+    quantized = []
+    for name, mod in layers.items():
+        if (not _matches(name, patterns) or _matches(name, config.exclude)
+                or (filter_fn is not None and not filter_fn(mod, name))):
+            continue
+        cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+        signed = config.act is None or _signed(config, name, config.act.signed, _matches(name, non_negative))
+        _replace(model, name, cls.from_float(mod, config.weight, config.act, signed, config.learnable_bias))
+        quantized.append(name)
+    return quantized
+
+
+def _quantize_points(model: nn.Module, config: QuantConfig, points: dict[str, QuantPoint],
+                     filter_fn: Callable | None) -> list[str]:
+    """Swap the attention QuantPoints for LSQQuantizers (quant.attn); returns their names."""
+    if config.attn is None:
+        return []
+    if not points:
+        raise ValueError(f"quant.attn is set but model {type(model).__name__} has no attention quantization "
+                         f"points (QuantPoint of kind {list(ATTN_KINDS)}); set quant.attn=null")
+    device = next((p.device for p in model.parameters()), "cpu")
+    replaced = []
+    for name, point in points.items():
+        if _matches(name, config.exclude) or (filter_fn is not None and not filter_fn(point, name)):
+            continue
+        signed = _signed(config, name, config.attn.signed, point.non_negative)
+        _replace(model, name, LSQQuantizer(config.attn.bits, signed=signed, symmetric=config.attn.symmetric).to(device))
+        replaced.append(name)
+    return replaced
 
 
 def _describe(cfg) -> str:

@@ -1,0 +1,48 @@
+"""Quantizer calibration: set the steps (and offsets) of a quantized model from data before training or PTQ."""
+import logging
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from qat.quant.quantizers import quantizers
+
+log = logging.getLogger(__name__)
+
+METHODS = (None,)  # None: each quantizer's own `init` (lsq | minmax | mse) on the first batch
+
+
+def _images(batch) -> torch.Tensor:
+    return batch[0] if isinstance(batch, (tuple, list)) else batch
+
+
+@torch.no_grad()
+def calibrate_(model: nn.Module, batches: Iterable, method: str | None = None) -> list[str]:
+    """Initialise every not-yet-initialised quantizer of `model` from `batches`; returns their names.
+
+    `batches` yields image tensors or (x, y) pairs. With method=None each quantizer applies its own `init`
+    to what it sees in one train-mode forward of the first batch (steps are averaged over ranks when
+    torch.distributed is initialized); the model's train/eval mode is restored afterwards.
+    Quantizers already initialised (e.g. loaded from a checkpoint) are left untouched.
+    """
+    if method not in METHODS:
+        raise ValueError(f"calibrate_: method={method!r} is not valid: use one of {list(METHODS)}")
+    pending = [n for n, q in quantizers(model) if not q.is_initialized]
+    if not pending:
+        return []
+    batch = next(iter(batches), None)
+    if batch is None:
+        raise ValueError(f"calibrate_: batches is empty but {len(pending)} quantizers need initialising: "
+                         "pass at least one batch of training images")
+    x = _images(batch).to(next(model.parameters()).device)
+    was_training = model.training
+    try:
+        model.train()(x)
+    finally:
+        model.train(was_training)
+    named = dict(quantizers(model))
+    done = [n for n in pending if named[n].is_initialized]
+    if len(done) < len(pending):
+        log.warning("calibration did not reach %d quantizers (not called in the forward): %s",
+                    len(pending) - len(done), [n for n in pending if n not in done][:5])
+    return done
