@@ -103,5 +103,5 @@ def test_cache_reuses_matching_sidecar_and_rebuilds_another_models(tmp_path, cap
 
 
 def test_zeroq_refuses_a_model_without_batchnorm():
-    with pytest.raises(ValueError, match="no BatchNorm layer: use synthetic.method=psaq.*gaussian"):
+    with pytest.raises(ValueError, match="no BatchNorm layer: use data.synthetic.method=psaq.*gaussian"):
         check_has_bn(create_model("vit_2_4_32"))
