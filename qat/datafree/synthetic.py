@@ -10,12 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from torchvision import transforms as T
 
 from qat.data.cifar import load_split, subset_per_class
 from qat.data.datamodule import ArrayDataset, CIFARDataModule
+from qat.data.sampler import mix
 from qat.data.transforms import eval_transform
+from qat.datafree.bn_stats import BNStatLoss
 from qat.datafree.cache import as_labels, load_or_build
+from qat.datafree.generator import Generator, GDFQSettings, GDFQStream, generator_loss
 from qat.datafree.images import gaussian_images, to_uint8
 from qat.datafree.teacher import load_fp_teacher, resolve_teacher
 from qat.datafree.zeroq import ZeroQSettings, check_has_bn, zeroq_images
@@ -71,9 +75,14 @@ class SyntheticDataModule(CIFARDataModule):
         if s["method"] in ("zeroq", "gdfq"):
             check_has_bn(self.teacher, s["method"])
         self.train_transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(self.mean, self.std)])
+        self.gdfq = self.generator = None
+        if s["method"] == "gdfq":
+            self.gdfq = g = settings(GDFQSettings, s["gdfq"], "gdfq")
+            self.generator = Generator(self.num_classes, self.img_size, self.mean, self.std, g.latent_dim)
+            self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=g.lr, betas=tuple(g.betas))
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.test_set is not None:
             return
         source = self.check_source()
         test = load_split(source, "test")
@@ -81,8 +90,9 @@ class SyntheticDataModule(CIFARDataModule):
             test.labels, self.test_per_class, source.classes, "test")
         self.test_set = ArrayDataset(test.images[keep], test.labels[keep],
                                      eval_transform(self.img_size, self.mean, self.std))
-        images, labels = self.make_images()
-        self.train_set = ArrayDataset(images, labels, self.train_transform)
+        if self.generator is None:
+            images, labels = self.make_images()
+            self.train_set = ArrayDataset(images, labels, self.train_transform)
 
     def make_images(self) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, C) images + labels of the fixed-bank methods (cached for zeroq / psaq)."""
@@ -105,7 +115,55 @@ class SyntheticDataModule(CIFARDataModule):
         path = self.cache_dir / f"{s['method']}_n{s['num_images']}_seed{s['seed']}.npz"
         return load_or_build(path, sidecar, build)
 
+    # ---- gdfq: a generator trained alongside the student -----------------------------------------
+    def _device(self) -> torch.device:
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        self.generator.to(device)
+        self.teacher.to(device)
+        return device
+
+    def gdfq_batch(self, seed: int, n: int | None = None, train_generator: bool = True):
+        """One generator step against the teacher (if `train_generator`), then a fresh batch (x, labels)."""
+        n, g, k = n or self.batch_size, torch.Generator().manual_seed(seed), self.num_classes
+        self._device()
+        self.generator.train()
+        if train_generator:
+            with torch.enable_grad(), BNStatLoss(self.teacher) as hooks:
+                x, targets = self.generator.sample(n, k, self.gdfq.boundary_fraction, g)
+                loss = generator_loss(self.teacher, hooks, x, targets, self.gdfq.bn_weight)
+                self.generator_optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.generator_optimizer.step()
+        with torch.no_grad():
+            x, targets = self.generator.sample(n, k, self.gdfq.boundary_fraction, g)
+        return x, targets.argmax(-1)
+
+    def state_dict(self) -> dict:
+        """Saved in the Lightning checkpoint: the gdfq generator and its optimizer (nothing for image banks)."""
+        if self.generator is None:
+            return {}
+        return {"generator": self.generator.state_dict(), "optimizer": self.generator_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.generator is not None:
+            self.generator.load_state_dict(state["generator"])
+            self.generator_optimizer.load_state_dict(state["optimizer"])
+
+    # ---- loaders -----------------------------------------------------------------------------
+    def calibration_batch(self, n: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """`n` training images picked (image banks) or generated (gdfq, no generator step) by `seed`."""
+        if self.generator is None:
+            return super().calibration_batch(n, seed)
+        x, y = self.gdfq_batch(mix(self.synthetic["seed"], -1 - seed), n, train_generator=False)
+        return x.cpu(), y.cpu()
+
     def train_dataloader(self):
+        if self.generator is not None:
+            steps = self.synthetic["num_images"] // self.batch_size
+            if steps < 1:
+                raise ValueError(f"data.synthetic.num_images={self.synthetic['num_images']} (images per epoch) is "
+                                 f"smaller than the per-device batch {self.batch_size}: raise it")
+            return DataLoader(GDFQStream(self, steps), batch_size=None, num_workers=0)
         if len(self.train_set) < self.batch_size:
             raise ValueError(f"data.synthetic.num_images={len(self.train_set)} is smaller than the per-device batch "
                              f"{self.batch_size}: raise data.synthetic.num_images or lower data.batch_size")
