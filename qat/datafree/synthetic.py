@@ -21,6 +21,7 @@ from qat.datafree.bn_stats import BNStatLoss
 from qat.datafree.cache import as_labels, load_or_build
 from qat.datafree.generator import Generator, GDFQSettings, GDFQStream, generator_loss
 from qat.datafree.images import gaussian_images, to_uint8
+from qat.datafree.psaq import AttentionOutputs, PSAQSettings, psaq_images
 from qat.datafree.teacher import load_fp_teacher, resolve_teacher
 from qat.datafree.zeroq import ZeroQSettings, check_has_bn, zeroq_images
 
@@ -70,10 +71,16 @@ class SyntheticDataModule(CIFARDataModule):
         self.synthetic = s = check_synthetic(synthetic)
         self.teacher_path = resolve_teacher(s["teacher"], s["output_root"], s["teacher_model"])
         self.cache_dir = Path(s["cache_dir"] or Path(s["output_root"]) / "synthetic")
-        self.zeroq = settings(ZeroQSettings, s["zeroq"], "zeroq") if s["method"] == "zeroq" else None
+        self.bank = None  # (settings, synthesis function) of the cached methods
+        if s["method"] == "zeroq":
+            self.bank = settings(ZeroQSettings, s["zeroq"], "zeroq"), zeroq_images
+        elif s["method"] == "psaq":
+            self.bank = settings(PSAQSettings, s["psaq"], "psaq"), psaq_images
         self.teacher, self.teacher_sha256 = load_fp_teacher(self.teacher_path, s["teacher_model"], self.num_classes)
         if s["method"] in ("zeroq", "gdfq"):
             check_has_bn(self.teacher, s["method"])
+        if s["method"] == "psaq":
+            AttentionOutputs(self.teacher)  # raises for a model without attention blocks
         self.train_transform = T.Compose([T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(self.mean, self.std)])
         self.gdfq = self.generator = None
         if s["method"] == "gdfq":
@@ -95,20 +102,20 @@ class SyntheticDataModule(CIFARDataModule):
             self.train_set = ArrayDataset(images, labels, self.train_transform)
 
     def make_images(self) -> tuple[np.ndarray, np.ndarray]:
-        """uint8 (N, H, W, C) images + labels of the fixed-bank methods (cached for zeroq / psaq)."""
+        """uint8 (N, H, W, C) images + labels of the image-bank methods (cached for zeroq / psaq)."""
         s, teacher = self.synthetic, self.teacher
         if s["method"] == "gaussian":
             x = gaussian_images(s["num_images"], self.img_size, self.mean, self.std, s["seed"])
             with torch.no_grad():
                 y = torch.cat([teacher(b).argmax(-1) for b in x.split(256)])
             return to_uint8(x, self.mean, self.std), as_labels(y)
-        settings = self.zeroq
+        settings, synthesize = self.bank
         sidecar = {"method": s["method"], "model_sha256": self.teacher_sha256, "num_images": s["num_images"],
                    "seed": s["seed"], "img_size": self.img_size, "mean": self.mean, "std": self.std,
                    **settings.as_dict()}
 
         def build():
-            x, y = zeroq_images(teacher, s["num_images"], self.img_size, self.mean, self.std, self.num_classes,
+            x, y = synthesize(teacher, s["num_images"], self.img_size, self.mean, self.std, self.num_classes,
                                 settings, s["seed"])
             return to_uint8(x, self.mean, self.std), as_labels(y)
 
