@@ -76,13 +76,13 @@ def bench_gdfq(args, ckpt) -> dict:
     return {name: {"ratio": summary(v["ratios"]), "s": summary(v["times"])} for name, v in out.items()}
 
 
-def main():
+def main(argv: list[str] | None = None):
     parser = base_parser(__doc__)
     parser.add_argument("--zeroq-iters", type=int, default=ZeroQSettings().iters, help="iterations actually timed")
     parser.add_argument("--zeroq-batch", type=int, default=256)
     parser.add_argument("--batch", type=int, default=128, help="batch of the GDFQ / real-KD steps")
     parser.add_argument("--rounds", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.smoke:
         args.zeroq_iters, args.zeroq_batch, args.batch, args.rounds = 1, 8, 8, 1
     result = start(args)
