@@ -94,12 +94,16 @@ def main(argv: list[str] | None = None):
         result["gdfq"] = g = bench_gdfq(args, ckpt)
     finally:
         ckpt.unlink()
-    md = (f"### ZeroQ on resnet20 (batch {z['batch']}, {z['default_iters']} iterations; {z['iters_measured']} timed)\n\n"
-          + md_table(["s / iteration", "s / batch", "images/s", "s for 1024 images", "target"],
+    write_results(args, result, markdown(z, g, args.batch), "datafree_bench")
+
+
+def markdown(z: dict, g: dict, batch: int) -> str:
+    zeroq = md_table(["s / iteration", "s / batch", "images/s", "s for 1024 images", "target"],
                      [[z["s_per_iter"], z["s_per_batch"], z["images_per_s"], z["s_for_1024"], "< 600 s"]])
-          + f"\n\n### GDFQ step vs QAT step with KD on real data (resnet20 w4a4, batch {args.batch})\n\n"
-          + md_table(["step", "time / real_kd", "s"], [[k, spread(v["ratio"]), v["s"]["median"]] for k, v in g.items()]))
-    write_results(args, result, md, "datafree_bench")
+    gdfq = md_table(["step", "time / real_kd", "s"], [[k, spread(v["ratio"]), v["s"]["median"]] for k, v in g.items()])
+    return (f"### ZeroQ on resnet20 (batch {z['batch']}, {z['default_iters']} iterations; {z['iters_measured']} "
+            f"timed)\n\n{zeroq}\n\n### GDFQ step vs QAT step with KD on real data (resnet20 w4a4, batch {batch})"
+            f"\n\n{gdfq}")
 
 
 if __name__ == "__main__":

@@ -90,7 +90,8 @@ def test_train_py_runs_zeroq_data(make_cfg, fp_resnet20, tmp_path):
     ({"method": "zeroq"}, ValueError, r"data.synthetic.method=zeroq needs BatchNorm.*use data.synthetic.method=psaq"),
     ({"num_images": 0}, ValueError, r"data.synthetic.num_images=0: it must be a positive integer"),
     ({"method": "magic"}, ValueError, r"data.synthetic.method='magic' is not valid: use one of \['gaussian', 'zeroq'"),
-    ({"zeroq": {"iterations": 3}, "method": "zeroq"}, ValueError, r"unknown data.synthetic.zeroq keys \['iterations'\]"),
+    ({"zeroq": {"iterations": 3}, "method": "zeroq"}, ValueError,
+     r"unknown data.synthetic.zeroq keys \['iterations'\]"),
 ])
 def test_bad_input_fails_in_one_line(fp_vit, tmp_path, synthetic, error, match):
     with pytest.raises(error, match=match) as info:

@@ -3,16 +3,12 @@
 Activation quantizers are left pending: initialise them with `calibrate_` on any batches (`data=synthetic`
 images, or real ones), or leave `config.act` None for weight-only quantization.
 """
-import logging
-
 from torch import nn
 
 from qat.datafree.bn_bias import bn_bias_correct_, init_weight_quantizers_
 from qat.datafree.equalize import absorb_bias_, cross_layer_equalize_
 from qat.datafree.fold import OutputStats, fold_bn_
 from qat.quant import QuantConfig, quantize_
-
-log = logging.getLogger(__name__)
 
 
 def dfq_(model: nn.Module, config: QuantConfig, cle: bool = True, bias_absorb: bool = True,

@@ -41,7 +41,8 @@ def equalizable_links(model: nn.Module) -> list[Link]:
     ok = [lk for lk in links if lk.act in HOMOGENEOUS and lk.exclusive and _plain(model, lk)]
     skipped = [f"{lk.first}->{lk.act}->{lk.second}" for lk in links if lk not in ok]
     if skipped:
-        log.info("cle: skipped %d links (not ReLU, shared tensors or grouped convs): %s", len(skipped), skipped)
+        log.info("cle: skipped %d links (not ReLU, shared tensors or grouped convs): %s", len(skipped),
+                 skipped)
     if not ok:
         raise ValueError(f"cle: {type(model).__name__} has no conv/linear -> ReLU -> conv/linear pair to equalize "
                          "(GELU is not positively homogeneous; for ViTs use model.use_relu=true, or drop ptq.cle)")
@@ -50,7 +51,8 @@ def equalizable_links(model: nn.Module) -> list[Link]:
 
 def _plain(model: nn.Module, link: Link) -> bool:
     first, second = model.get_submodule(link.first), model.get_submodule(link.second)
-    return all(getattr(m, "groups", 1) == 1 for m in (first, second)) and first.weight.shape[0] == second.weight.shape[1]
+    ungrouped = all(getattr(m, "groups", 1) == 1 for m in (first, second))
+    return ungrouped and first.weight.shape[0] == second.weight.shape[1]
 
 
 @torch.no_grad()

@@ -6,9 +6,8 @@ per image; a Gaussian kernel density estimate of those similarities (bandwidth 0
 -p log p). Images maximise the summed entropy (diverse patch similarities, as real images have) plus
 cross-entropy towards sampled labels. Like the reference code, inputs get a random roll and flip each step.
 """
-from dataclasses import asdict, dataclass
-
 import math
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +49,8 @@ class AttentionOutputs:
         self.blocks = [m for m in model.modules() if isinstance(m, Attention)]
         if not self.blocks:
             raise ValueError(f"data.synthetic.method=psaq needs a vision transformer with attention blocks; "
-                             f"{type(model).__name__} has none: use data.synthetic.method=zeroq (BN models) or gaussian")
+                             f"{type(model).__name__} has none: use data.synthetic.method=zeroq (BN models) "
+                             "or gaussian")
         classifier = getattr(model, "classifier", None)
         self.skip = 1 if getattr(classifier, "class_emb", None) is not None else 0
         self.outputs, self.handles = [], []

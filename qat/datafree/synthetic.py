@@ -100,6 +100,7 @@ class SyntheticDataModule(CIFARDataModule):
         if self.generator is None:
             images, labels = self.make_images()
             self.train_set = ArrayDataset(images, labels, self.train_transform)
+            log.info("data.synthetic: %d %s images from %s", len(labels), self.synthetic["method"], self.teacher_path)
 
     def make_images(self) -> tuple[np.ndarray, np.ndarray]:
         """uint8 (N, H, W, C) images + labels of the image-bank methods (cached for zeroq / psaq)."""

@@ -1,13 +1,10 @@
 """The FP model synthetic data is made from: `synthetic.teacher` resolved like any checkpoint reference."""
-import logging
 from pathlib import Path
 
 from torch import nn
 
 from qat.distill import load_teacher
 from qat.runs import load_checkpoint, resolve, sha256_file
-
-log = logging.getLogger(__name__)
 
 
 def resolve_teacher(ref, output_root, model_name: str | None) -> Path:
@@ -26,7 +23,8 @@ def load_fp_teacher(path: Path, model_name: str | None, num_classes: int) -> tup
     if model_name is None:
         loaded = load_checkpoint(path)
         if not (isinstance(loaded, dict) and "qat" in loaded):
-            raise ValueError(f"data.synthetic.teacher={path} is a plain state_dict: set data.synthetic.teacher_model=<model name>")
+            raise ValueError(f"data.synthetic.teacher={path} is a plain state_dict: "
+                             "set data.synthetic.teacher_model=<model name>")
         model_name = loaded["qat"]["model"]["name"]
     model = load_teacher({"name": model_name}, path, num_classes=num_classes)
     return model, sha256_file(path)

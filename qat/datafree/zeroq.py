@@ -36,8 +36,9 @@ class ZeroQSettings:
 
 def check_has_bn(model: nn.Module, method: str = "zeroq") -> None:
     if not batchnorms(model):
-        raise ValueError(f"data.synthetic.method={method} needs BatchNorm statistics, but {type(model).__name__} has no "
-                         "BatchNorm layer: use data.synthetic.method=psaq (ViTs) or data.synthetic.method=gaussian")
+        raise ValueError(f"data.synthetic.method={method} needs BatchNorm statistics, but {type(model).__name__} "
+                         "has no BatchNorm layer: use data.synthetic.method=psaq (ViTs) or "
+                         "data.synthetic.method=gaussian")
 
 
 def intra_class_loss(features: torch.Tensor, labels: torch.Tensor, band: tuple[float, float]) -> torch.Tensor:
