@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from qat.datafree import SyntheticDataModule
@@ -104,3 +105,11 @@ def test_missing_teacher_fails_naming_the_key(tmp_path):
         module(tmp_path / "nope.ckpt", tmp_path)
     with pytest.raises(ValueError, match=r"data.synthetic.teacher is not set.*kd.teacher.checkpoint="):
         SyntheticDataModule(synthetic={"teacher": None}, name="cifar10_sample")
+
+
+def test_teacher_reference_defaults_to_kd_teacher_or_ptq_ckpt():
+    node = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "conf/data/synthetic.yaml"))
+    node = node["synthetic"]["teacher"]  # unresolved: resolved below in a train.py-like and a ptq.py-like config
+    for base, wanted in (({"kd": {"teacher": {"checkpoint": "a.ckpt"}}}, "a.ckpt"), ({"ckpt": "zoo:resnet20"},
+                                                                                    "zoo:resnet20")):
+        assert OmegaConf.create({**base, "t": node}).t == wanted
