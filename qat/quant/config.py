@@ -21,7 +21,7 @@ class QuantizerConfig:
     bits: int  # 1..8; 1-bit signed = sign(x) * step
     symmetric: bool = True  # False = 'asym': one extra level (e.g. [-2, 1] at 2 bits), no zero point
     signed: bool | None = None  # None = auto: unsigned where the layer input is known >= 0
-    per_channel: bool = False  # one step per output channel (weights only)
+    per_channel: bool = False  # weights: one step per output channel; layer inputs: one per input channel
     learnable_offset: bool = False  # LSQ+ learnable offset
     init: str = "lsq"  # 'lsq' 2*mean|x|/sqrt(Qp) | 'minmax' | 'mse'
 
@@ -83,6 +83,7 @@ class QuantConfig:
     unsigned: list[str] = field(default_factory=list)  # layers whose input quantizer is forced unsigned
     signed: list[str] = field(default_factory=list)  # layers whose input quantizer is forced signed
     learnable_bias: bool = False  # zero-init learnable bias added before each activation quantizer
+    add_bias: bool = False  # give quantized layers without a bias a zero one (PTQ bias correction folds into it)
 
     def __post_init__(self):
         self.weight = _nested(QuantizerConfig, self.weight, "quant.weight")
@@ -92,9 +93,6 @@ class QuantConfig:
             self.modules = _patterns(self.modules, "quant.modules")
         for name in ("exclude", "unsigned", "signed"):
             setattr(self, name, _patterns(getattr(self, name), f"quant.{name}"))
-        if self.act is not None and self.act.per_channel:
-            raise ValueError("quant.act.per_channel=True is not supported: activations use one step per tensor; "
-                             "per-channel steps are for weights (quant.weight.per_channel)")
         forced = [n for n in ("unsigned", "signed") if getattr(self, n)]
         if forced and (self.act is None or self.act.signed is not None):
             why = "quant.act is null" if self.act is None else f"quant.act.signed={self.act.signed} applies to all"

@@ -74,6 +74,8 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
                     or (filter_fn is not None and not filter_fn(mod, name))):
                 continue
             cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+            if config.add_bias and mod.bias is None:
+                mod.bias = nn.Parameter(mod.weight.new_zeros(mod.weight.shape[0]))
             signed = _act_signed(model, config, name) if config.act is not None else True
             _replace(model, name, cls.from_float(mod, config.weight, config.act, signed, config.learnable_bias))
             quantized.append(name)
