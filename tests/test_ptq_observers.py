@@ -8,6 +8,15 @@ from qat.ptq.observers import ACIQ_LAPLACE, MSE, OMSE, Stats, create_observer, f
 from qat.quant import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear, quantize_
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def laplace(n: int, b: float = 1.0, seed: int = 0) -> torch.Tensor:
     u = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) - 0.5
     return (-b * u.sign() * torch.log1p(-2 * u.abs())).float()

@@ -11,6 +11,15 @@ from qat.ptq.observers import create_observer
 from qat.quant import QuantConfig, quantize_
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def warmed(name: str, seed: int = 0) -> torch.nn.Module:
     """A random-weight model whose BatchNorm statistics (if any) come from a few random batches."""
     torch.manual_seed(seed)
