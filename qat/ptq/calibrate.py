@@ -13,7 +13,7 @@ from torch import nn
 from qat.ptq.observers import Observer, Stats, fake_quant
 from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers
 
-MAX_SAMPLES = 2**18  # samples kept per activation quantizer (split over its channels)
+MAX_SAMPLES = 2**16  # samples kept per activation quantizer (split over its channels)
 
 
 def rows_of(x: torch.Tensor, q: LSQQuantizer) -> torch.Tensor:

@@ -148,9 +148,15 @@ class MSE(Observer):
         return lo.gather(0, best)[0], hi.gather(0, best)[0]
 
     def _errors(self, x, lo, hi, qmin, qmax, with_offset):
+        """Mean |Q(x) - x|^p per (candidate, row), in place on one (G, C, n) buffer."""
         step, offset = range_to_qparams(lo, hi, qmin, qmax, with_offset)
-        offset = None if offset is None else offset[..., None]
-        return (fake_quant(x[None], step[..., None], offset, qmin, qmax) - x).abs().pow(self.p).mean(-1)
+        step = step[..., None]
+        v = x[None] / step if offset is None else (x[None] - offset[..., None]).div_(step)
+        v.clamp_(qmin, qmax).round_().mul_(step)
+        if offset is not None:
+            v.add_(offset[..., None])
+        v.sub_(x)
+        return (v.square_() if self.p == 2 else v.abs_().pow_(self.p)).mean(-1)
 
 
 class OMSE(MSE):
