@@ -88,6 +88,15 @@ def test_bias_corrected_per_channel_run_starts_qat_and_serves_as_teacher(fp_run,
     torch.testing.assert_close(teacher(x), qat.load_model(tmp_path)(x))
 
 
+def test_asymmetric_inputs_with_lsq_plus_offsets(fp_run, tmp_path):
+    ptq(tmp_path, f"ckpt={fp_run}", "quant=w32a4", "ptq=minmax_channel", "quant.act.learnable_offset=true",
+        "quant.act.symmetric=false", "quant.act.signed=true")
+    model = qat.load_model(tmp_path)
+    q = model.classifier.blocks[0].self_attn.qkv.act_quantizer
+    assert q.offset is not None and q.offset.shape == (128,) and float(q.offset.abs().max()) > 0
+    assert (q.qmin, q.qmax) == (-8, 7)
+
+
 def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
     ptq(tmp_path / "q", f"ckpt={fp_run}", "quant=w8a32")
     with pytest.raises(ValueError, match=r"is already quantized .* PTQ starts from an FP checkpoint"):

@@ -72,3 +72,14 @@ def test_awq_keeps_the_fp_function(name, use_relu, folds):
     assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())
     with quantizers_off(model):
         torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_add_bias_gives_zero_biases_and_keeps_the_function():
+    model = toy()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    quantize_(model, QuantConfig(weight={"bits": 8}, add_bias=True))
+    assert torch.equal(model[0].bias, torch.zeros(8)) and model[2].bias is not None
+    with quantizers_off(model):
+        torch.testing.assert_close(model(x), ref)
