@@ -2,6 +2,7 @@
 
     python -m bench.ptq_bench            # resnet20, 1024 images; writes bench/results/ptq_bench.json (+ table)
     python -m bench.ptq_bench --smoke    # tiny sizes, seconds
+    python -m bench.ptq_bench --collect outputs/multirun/<ptq multirun>   # accuracy tables of PTQ runs
 
 Weights are random (BatchNorm statistics from random batches) and images N(0, 1): these are times, not
 accuracies (accuracy tables need trained zoo checkpoints). One intra-op thread throughout.
@@ -132,11 +133,46 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
 
 
+def method_label(summary: dict) -> str:
+    ptq = summary["method"]
+    obs = ptq["observer"]["name"] + ("_channel" if ptq["granularity"] == "channel" else "_layer")
+    name = ("AdaRound/" if ptq["recon"] else "PTQ/") + ("awq" if ptq["awq"] else obs)
+    return name + ("+bias_correct" if ptq["bias_correct"] else "")
+
+
+def collect(root: str) -> str:
+    """The seed's tables (method rows; W8A32..W2A32 and W32A8..W32A2 columns) from the summary.json files
+    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell."""
+    cells, fp = {}, {}
+    for path in sorted(Path(root).rglob("summary.json")):
+        s = json.loads(path.read_text())
+        bits = s["bits"]
+        col = f"W{bits['weight'] or 32}A{bits['act'] or 32}"
+        cells[(s["model"], method_label(s), col)] = f"{s['quant_acc']:.2f} ({s['total_time_s']:.0f}s)"
+        fp[s["model"]] = s["fp_acc"]
+    out = []
+    for model in sorted(fp):
+        for cols in ([f"W{b}A32" for b in range(8, 1, -1)], [f"W32A{b}" for b in range(8, 1, -1)]):
+            rows = sorted({m for (mod, m, c) in cells if mod == model and c in cols})
+            if not rows:
+                continue
+            header = "| Method | W32A32 | " + " | ".join(cols) + " |"
+            out += [f"#### {model}", "", header, "|---" * (len(cols) + 2) + "|"]
+            out += [f"| {m} | {fp[model]:.2f} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |"
+                    for m in rows]
+            out.append("")
+    return "\n".join(out)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--collect", metavar="DIR", help="print the accuracy tables of the PTQ runs below DIR")
     args = parser.parse_args(argv)
+    if args.collect:
+        print(collect(args.collect))
+        return {}
     torch.set_num_threads(1)
     small = args.smoke
     result = {"calibration": calibration_times(64 if small else 1024),
