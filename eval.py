@@ -1,24 +1,8 @@
-"""Evaluate or use a trained model: `python eval.py ckpt=<run dir | .ckpt | experiment:<name>>` (see README)."""
-import json
-
+"""Evaluate or use a trained model: `python eval.py ckpt=<run dir | .ckpt | experiment:<name> | zoo:<name>>`."""
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from qat.runs import resolve
-
-
-def run_dir_model(ckpt, model_name, output_root) -> str:
-    """The model name for the eval run dir: model=, else the run's summary.json, else 'model'."""
-    if model_name:
-        return str(model_name)
-    try:
-        summary = resolve(str(ckpt), output_root).parent.parent / "summary.json"  # <run>/checkpoints/<file>
-        return str(json.loads(summary.read_text()).get("model") or "model")
-    except (OSError, ValueError, AttributeError):  # FileNotFoundError included; eval.py reports it later
-        return "model"
-
-
-OmegaConf.register_new_resolver("run_dir_model", run_dir_model, replace=True)
+import qat  # noqa: F401  (registers the resolvers conf/eval.yaml uses)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

@@ -8,7 +8,15 @@ def amp_precision(precision: str) -> str:
     return str(precision) if torch.cuda.is_available() else "32-true"
 
 
+def ckpt_model(ref, model_name=None, output_root: str = "outputs") -> str:
+    """`${qat_ckpt_model:${ckpt},${oc.select:model.name,null},${paths.output_root}}`: the model of a checkpoint
+    reference (model= when given), for the run dir names of eval.py and ptq.py."""
+    from qat.runs import model_of  # qat.runs imports models and quant: only when a config resolves this
+    return str(model_name) if model_name else model_of(ref, output_root)
+
+
 def register_resolvers() -> None:
     """Register the qat resolvers once per process."""
-    if not OmegaConf.has_resolver("qat_amp"):
-        OmegaConf.register_new_resolver("qat_amp", amp_precision)
+    for name, fn in (("qat_amp", amp_precision), ("qat_ckpt_model", ckpt_model)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)

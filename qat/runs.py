@@ -89,6 +89,15 @@ def resolve(ref: str | Path, output_root: str | Path, prefer: str = "best", mode
     return checkpoint_file(ref, prefer)
 
 
+def model_of(ref, output_root: str | Path = "outputs", default: str = "model") -> str:
+    """The model name of the run a reference points to (from its summary.json), for naming new run dirs."""
+    try:
+        summary = resolve(str(ref), output_root).parent.parent / "summary.json"  # <run>/checkpoints/<file>
+        return str(json.loads(summary.read_text()).get("model") or default)
+    except (OSError, ValueError, AttributeError):  # a missing reference is reported later, by the command
+        return default
+
+
 def best_run(output_root: str | Path, model: str, quant=None, hint: str = "") -> dict:
     """The finished run of `model` with the same quant config and the highest best_val_acc under `output_root`."""
     wanted = normalize_quant(quant)

@@ -129,7 +129,6 @@ def test_unmatched_pattern_names_the_pattern_and_real_modules():
     ({"act": {"bits": 9}}, ValueError, r"quant.act.bits=9 is not supported: use an integer in 1..8"),
     ({"weight": {"bits": 0}}, ValueError, r"quant.weight.bits=0 .* 1..8"),
     ({"attn": {"bits": 16}}, ValueError, r"quant.attn.bits=16 .* 1..8"),
-    ({"act": {"bits": 2, "per_channel": True}}, ValueError, r"quant.act.per_channel=True is not supported"),
     ({"act": {"bits": 2, "init": "max"}}, ValueError, r"quant.act.init='max' .*\['lsq', 'minmax', 'mse'\]"),
     ({"act": {"bits": 2, "step": 1}}, TypeError, r"quant.act: unknown keys \['step'\]; valid keys are \['bits'"),
     ({"learnable_bias": True}, ValueError, r"learnable_bias=True .* set quant.act"),

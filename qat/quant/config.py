@@ -21,8 +21,8 @@ class QuantizerConfig:
 
     bits: int  # 1..8; 1-bit signed = sign(x) * step
     symmetric: bool = True  # False = 'asym': one extra level (e.g. [-2, 1] at 2 bits), no zero point
-    signed: bool | None = None  # None = auto: unsigned where the input is known >= 0 (see QuantConfig)
-    per_channel: bool = False  # one step per output channel (weights only)
+    signed: bool | None = None  # None = auto: unsigned where the layer input is known >= 0
+    per_channel: bool = False  # weights: one step per output channel; layer inputs: one per input channel
     learnable_offset: bool = False  # LSQ+ learnable offset
     init: str = "lsq"  # 'lsq' 2*mean|x|/sqrt(Qp) | 'minmax' | 'mse'
 
@@ -114,6 +114,7 @@ class QuantConfig:
     attn_default_init: bool = False
     unsigned: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: false}
     signed: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: true}
+    add_bias: bool = False  # give quantized layers without a bias a zero one (PTQ bias correction folds into it)
 
     def __post_init__(self, unsigned, signed):
         for old, value in (("unsigned", unsigned), ("signed", signed)):
@@ -127,9 +128,6 @@ class QuantConfig:
             self.modules = _patterns(self.modules, "quant.modules")
         self.exclude = _patterns(self.exclude, "quant.exclude")
         self.signed_overrides = _overrides(self.signed_overrides)
-        if self.act is not None and self.act.per_channel:
-            raise ValueError("quant.act.per_channel=True is not supported: activations use one step per tensor; "
-                             "per-channel steps are for weights (quant.weight.per_channel)")
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

@@ -27,9 +27,11 @@ class QuantLayerMixin:
         self.weight_quantizer = nn.Identity() if weight_cfg is None else LSQQuantizer.from_config(
             weight_cfg, signed=True if weight_cfg.signed is None else weight_cfg.signed,
             channels=self.weight.shape[0], ch_axis_ndim=self.weight.ndim).to(device)
+        bias_shape = self._input_bias_shape()
+        in_shape = {"channels": bias_shape[0], "ch_axis": -len(bias_shape)}  # per-channel inputs: dim C of x
         self.act_quantizer = nn.Identity() if act_cfg is None else LSQQuantizer.from_config(
-            act_cfg, signed=act_signed).to(device)
-        bias = nn.Parameter(torch.zeros(self._input_bias_shape(), device=device)) if learnable_bias else None
+            act_cfg, signed=act_signed, **(in_shape if act_cfg.per_channel else {})).to(device)
+        bias = nn.Parameter(torch.zeros(bias_shape, device=device)) if learnable_bias else None
         self.register_parameter("input_bias", bias)
 
     def _quant_forward(self, op, x: torch.Tensor, float_forward) -> torch.Tensor:

@@ -18,9 +18,11 @@ class LSQQuantizer(nn.Module):
         bits: 1..8. Levels [qmin, qmax] follow reference §3.3; 1 bit signed is sign(x) * s.
         signed: signed or unsigned (non-negative) level set.
         symmetric: False adds one extra level (asym), without a zero point.
-        per_channel: one step per slice along dim 0 (weights), shaped (channels, 1, ..., 1).
+        per_channel: one step per slice along dim `ch_axis` (weights: 0), shaped (channels, 1, ..., 1).
         channels: number of channels when per_channel.
         ch_axis_ndim: ndim of the quantized tensor, giving the per-channel step its trailing 1s.
+        ch_axis: the channel dim; negative counts from the end (layer inputs: -3 for (B, C, H, W),
+            -1 for (..., C)), so the step broadcasts over any leading batch dims.
         learnable_offset: LSQ+ learnable offset, shaped like the step.
         init: how the step is set from the first tensor seen in train mode:
             'lsq' 2*mean|x|/sqrt(qmax); 'minmax' range / levels; 'mse' best multiple of the lsq init.
@@ -32,7 +34,7 @@ class LSQQuantizer(nn.Module):
 
     def __init__(self, bits: int, signed: bool = True, symmetric: bool = True, per_channel: bool = False,
                  channels: int = 1, ch_axis_ndim: int = 2, learnable_offset: bool = False, init: str = "lsq",
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, ch_axis: int = 0):
         super().__init__()
         if not isinstance(bits, int) or not 1 <= bits <= 8:
             raise ValueError(f"bits={bits!r} is not supported: use an integer in 1..8")
@@ -41,8 +43,9 @@ class LSQQuantizer(nn.Module):
         self.bits, self.signed, self.symmetric, self.init, self.eps = bits, signed, symmetric, init, eps
         self.qmin, self.qmax = level_range(bits, signed, symmetric)
         self.binary = bits == 1 and signed
-        self.per_channel = per_channel
-        shape = (channels,) + (1,) * (ch_axis_ndim - 1) if per_channel else (1,)
+        self.per_channel, self.ch_axis = per_channel, ch_axis
+        trailing = ch_axis_ndim - 1 - ch_axis if ch_axis >= 0 else -1 - ch_axis
+        shape = (channels,) + (1,) * trailing if per_channel else (1,)
         self.step = nn.Parameter(torch.ones(shape))
         self.offset = nn.Parameter(torch.zeros(shape)) if learnable_offset else None
         self.register_buffer("initialized", torch.zeros(()))  # float: broadcastable by gloo/NCCL
@@ -53,7 +56,7 @@ class LSQQuantizer(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, signed: bool, **shape) -> "LSQQuantizer":
-        """From a QuantizerConfig; `signed` is resolved by the caller, `shape` = channels / ch_axis_ndim."""
+        """From a QuantizerConfig; `signed` is resolved by the caller, `shape` = channels / ch_axis_ndim / ch_axis."""
         return cls(cfg.bits, signed=signed, symmetric=cfg.symmetric, per_channel=cfg.per_channel,
                    learnable_offset=cfg.learnable_offset, init=cfg.init, **shape)
 
@@ -122,7 +125,7 @@ class LSQQuantizer(nn.Module):
         self._initialized = True
 
     def _init_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = x.flatten(1) if self.per_channel else x.reshape(1, -1)  # (channels, n)
+        rows = x.movedim(self.ch_axis, 0).flatten(1) if self.per_channel else x.reshape(1, -1)  # (channels, n)
         zero = torch.zeros(len(rows), device=x.device)
         step = 2 * rows.abs().mean(1) / self.qmax ** 0.5
         if self.init == "minmax":
@@ -150,7 +153,7 @@ class LSQQuantizer(nn.Module):
         parts = [f"bits={self.bits}", f"levels=[{self.qmin}, {self.qmax}]", f"signed={self.signed}",
                  f"symmetric={self.symmetric}", f"init={self.init!r}"]
         if self.per_channel:
-            parts.append(f"per_channel={self.step.shape[0]}")
+            parts.append(f"per_channel={self.step.shape[0]}" + (f", ch_axis={self.ch_axis}" if self.ch_axis else ""))
         if self.offset is not None:
             parts.append("learnable_offset=True")
         if not self.enabled:

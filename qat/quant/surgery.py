@@ -104,6 +104,8 @@ def _quantize_layers(model: nn.Module, config: QuantConfig, layers: dict[str, nn
                 or (filter_fn is not None and not filter_fn(mod, name))):
             continue
         cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+        if config.add_bias and mod.bias is None:  # PTQ bias correction folds into it; the recipe rebuilds it
+            mod.bias = nn.Parameter(mod.weight.new_zeros(mod.weight.shape[0]))
         signed = config.act is None or _signed(config, name, config.act.signed, _matches(name, non_negative))
         _replace(model, name, cls.from_float(mod, config.weight, config.act, signed, config.learnable_bias))
         quantized.append(name)

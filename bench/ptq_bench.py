@@ -1,0 +1,192 @@
+"""PTQ speed: calibration time per observer, AdaRound iterations/s vs a textbook loop, recon time scaling.
+
+    python -m bench.ptq_bench            # resnet20, 1024 images; writes bench/results/ptq_bench.json (+ table)
+    python -m bench.ptq_bench --smoke    # tiny sizes, seconds
+    python -m bench.ptq_bench --collect outputs/multirun/<ptq multirun>   # accuracy tables of PTQ runs
+
+Weights are random (BatchNorm statistics from random batches) and images N(0, 1): these are times, not
+accuracies (accuracy tables need trained zoo checkpoints). One intra-op thread throughout.
+"""
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qat.models import create_model
+from qat.ptq.adaround import GAMMA, ZETA
+from qat.ptq.calibrate import calibrate, quantizers_off
+from qat.ptq.observers import OBSERVERS, create_observer
+from qat.ptq.reconstruct import ReconConfig, capture, fit_unit, reconstruct_, units
+from qat.quant import QuantConfig, quantize_
+
+OUT = Path(__file__).parent / "results"
+
+
+def model_and_images(name: str, n: int, bits: int = 4, act_bits: int | None = None, per_channel: bool = True):
+    torch.manual_seed(0)
+    model = create_model(name)
+    with torch.no_grad():
+        model.train()(torch.randn(64, 3, 32, 32))
+    act = None if act_bits is None else {"bits": act_bits, "per_channel": per_channel}
+    model = quantize_(model.eval(), QuantConfig(weight={"bits": bits, "per_channel": per_channel}, act=act))
+    return model, list(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).split(128))
+
+
+def calibration_times(n: int) -> list[dict]:
+    """Seconds of `calibrate` (W4A4, weights + inputs) per observer and granularity on resnet20."""
+    rows = []
+    for name in OBSERVERS:
+        for per_channel in (False, True):
+            model, batches = model_and_images("resnet20", n, act_bits=4, per_channel=per_channel)
+            start = time.perf_counter()
+            calibrate(model, batches, create_observer(name))
+            rows.append({"observer": name, "granularity": "channel" if per_channel else "layer",
+                         "seconds": time.perf_counter() - start})
+    return rows
+
+
+def textbook_fit(unit: nn.Module, inputs, targets, cfg: ReconConfig) -> None:
+    """The AdaRound loss written plainly: floor(W / s) and h recomputed every step, every parameter tracked."""
+    layers = [m for m in unit.modules() if hasattr(m, "weight_quantizer")]
+    qs = [m.weight_quantizer for m in layers]
+    alphas = []
+    for m, q in zip(layers, qs):
+        rest = m.weight.detach() / q.step.detach() - (m.weight.detach() / q.step.detach()).floor()
+        alphas.append(nn.Parameter(-torch.log((ZETA - GAMMA) / (rest.clamp(0, 1 - 1e-6) - GAMMA) - 1)))
+    opt = torch.optim.Adam(alphas, lr=cfg.lr)
+    gen = torch.Generator().manual_seed(0)
+    originals = [m.weight_quantizer for m in layers]
+    for it in range(cfg.iters):
+        for m, q, a in zip(layers, qs, alphas):
+            h = torch.clamp(torch.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
+            w = torch.clamp(torch.floor(m.weight / q.step) + h, q.qmin, q.qmax) * q.step
+            m.weight_quantizer = _Const(w)
+        idx = torch.randint(len(inputs), (cfg.batch_size,), generator=gen)
+        rec = (unit(inputs[idx].float()) - targets[idx].float()).pow(2).sum(1).mean()
+        beta = 20 - 18 * it / cfg.iters
+        reg = sum((1 - (2 * torch.clamp(torch.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1) - 1).abs().pow(beta)).sum()
+                  for a in alphas)
+        opt.zero_grad()
+        (rec + cfg.reg_weight * reg).backward()
+        opt.step()
+    for m, q in zip(layers, originals):
+        m.weight_quantizer = q
+
+
+class _Const(nn.Module):
+    def __init__(self, w):
+        super().__init__()
+        self.w = w
+
+    def forward(self, weight):
+        return self.w
+
+
+def adaround_speed(iters: int, batch: int) -> list[dict]:
+    """Iterations/s of our fit_unit vs `textbook_fit` on the same unit, inputs and config (W4, same process)."""
+    rows = []
+    for label, gran in (("resnet20 BasicBlock", "block"), ("resnet20 conv layer", "layer")):
+        model, batches = model_and_images("resnet20", 4 * batch)
+        calibrate(model, batches, create_observer("minmax"))
+        name, unit = units(model, gran)[3]
+        with quantizers_off(model):
+            targets = capture(model, unit, batches, output=True)
+        inputs = capture(model, unit, batches, output=False)
+        cfg = ReconConfig(granularity=gran, iters=iters, batch_size=batch)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        start = time.perf_counter()
+        textbook_fit(unit, inputs, targets, cfg)
+        textbook = iters / (time.perf_counter() - start)
+        model.load_state_dict(state)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            fit_unit(unit, inputs, targets, cfg)
+        ours = iters / (time.perf_counter() - start)
+        rows.append({"unit": f"{label} ({name})", "batch": batch, "ours_it_s": ours, "textbook_it_s": textbook,
+                     "ratio": ours / textbook})
+    return rows
+
+
+def recon_scaling(models: list[str], iters: list[int], n: int) -> list[dict]:
+    """Seconds of layer-wise reconstruct_ (W4) for each model (number of layers) x iterations."""
+    rows = []
+    for name in models:
+        for it in iters:
+            model, batches = model_and_images(name, n)
+            calibrate(model, batches, create_observer("minmax"))
+            layers = len(units(model, "layer"))
+            start = time.perf_counter()
+            reconstruct_(model, batches, ReconConfig(granularity="layer", iters=it, batch_size=32))
+            seconds = time.perf_counter() - start
+            rows.append({"model": name, "layers": layers, "iters": it, "seconds": seconds,
+                         "ms_per_layer_iter": 1000 * seconds / (layers * it)})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r[k]) for k in keys) + " |" for r in rows])
+
+
+def method_label(summary: dict) -> str:
+    ptq = summary["method"]
+    obs = ptq["observer"]["name"] + ("_channel" if ptq["granularity"] == "channel" else "_layer")
+    name = ("AdaRound/" if ptq["recon"] else "PTQ/") + ("awq" if ptq["awq"] else obs)
+    return name + ("+bias_correct" if ptq["bias_correct"] else "")
+
+
+def collect(root: str) -> str:
+    """The seed's tables (method rows; W8A32..W2A32 and W32A8..W32A2 columns) from the summary.json files
+    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell."""
+    cells, fp = {}, {}
+    for path in sorted(Path(root).rglob("summary.json")):
+        s = json.loads(path.read_text())
+        bits = s["bits"]
+        col = f"W{bits['weight'] or 32}A{bits['act'] or 32}"
+        cells[(s["model"], method_label(s), col)] = f"{s['quant_acc']:.2f} ({s['total_time_s']:.0f}s)"
+        fp[s["model"]] = s["fp_acc"]
+    out = []
+    for model in sorted(fp):
+        for cols in ([f"W{b}A32" for b in range(8, 1, -1)], [f"W32A{b}" for b in range(8, 1, -1)]):
+            rows = sorted({m for (mod, m, c) in cells if mod == model and c in cols})
+            if not rows:
+                continue
+            header = "| Method | W32A32 | " + " | ".join(cols) + " |"
+            out += [f"#### {model}", "", header, "|---" * (len(cols) + 2) + "|"]
+            out += [f"| {m} | {fp[model]:.2f} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |"
+                    for m in rows]
+            out.append("")
+    return "\n".join(out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--collect", metavar="DIR", help="print the accuracy tables of the PTQ runs below DIR")
+    args = parser.parse_args(argv)
+    if args.collect:
+        print(collect(args.collect))
+        return {}
+    torch.set_num_threads(1)
+    small = args.smoke
+    result = {"calibration": calibration_times(64 if small else 1024),
+              "adaround": adaround_speed(5 if small else 200, 8 if small else 32),
+              "scaling": recon_scaling(["resnet20"] if small else ["resnet20", "resnet32"],
+                                       [2, 4] if small else [50, 100], 32 if small else 256)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ptq_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    text = "\n\n".join(f"### {k}\n\n{table(v)}" for k, v in result.items())
+    (out / "ptq_bench.md").write_text(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""Empirical bias correction: fold the mean per-output-channel error of every quantized layer into its bias.
+
+Layers are corrected in model order, each against the FP model's output on the same calibration batches
+and with the corrections of the layers before it in place, so after the pass the mean output of every
+quantized layer equals the FP mean per channel (on the calibration data).
+"""
+import torch
+from torch import nn
+
+from qat.ptq.calibrate import inputs_of, quantizers_off
+from qat.quant import QuantConv2d, QuantLayerMixin
+
+
+def channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    """Mean over every dim but the output channel: dim 1 of a conv output, the last dim of a linear one."""
+    y = y.detach().double()
+    return y.movedim(1, -1).reshape(-1, y.shape[1]).mean(0) if isinstance(layer, QuantConv2d) \
+        else y.reshape(-1, y.shape[-1]).mean(0)
+
+
+@torch.no_grad()
+def output_means(model: nn.Module, layers: dict[str, nn.Module], batches: list) -> dict[str, torch.Tensor]:
+    """{name: mean output per channel over `batches`} for `layers`, in the model's current mode."""
+    sums = {name: 0.0 for name in layers}
+    hooks = [layer.register_forward_hook(lambda m, a, y, n=name: sums.__setitem__(n, sums[n] + channel_mean(y, m)))
+             for name, layer in layers.items()]
+    try:
+        for batch in batches:
+            model(inputs_of(batch))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: s / len(batches) for name, s in sums.items()}
+
+
+def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """{name: quantized layer} in model order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLayerMixin)}
+
+
+@torch.no_grad()
+def bias_correct_(model: nn.Module, batches: list) -> dict[str, float]:
+    """Correct every quantized layer's bias in place; returns {layer: max |correction|}.
+
+    Every quantized layer needs a bias (quantize_ with QuantConfig(add_bias=True) gives one to those without).
+    """
+    layers = quant_layers(model)
+    missing = [n for n, m in layers.items() if m.bias is None]
+    if missing:
+        raise ValueError(f"bias correction needs a bias on every quantized layer; {missing[:4]} have none: "
+                         "quantize with QuantConfig(add_bias=True)")
+    with quantizers_off(model):
+        fp = output_means(model, layers, batches)
+    was_training = model.training
+    model.eval()
+    report = {}
+    for name, layer in layers.items():
+        error = output_means(model, {name: layer}, batches)[name] - fp[name]
+        layer.bias.sub_(error.to(layer.bias.dtype))
+        report[name] = float(error.abs().max())
+    model.train(was_training)
+    return report

@@ -1,0 +1,175 @@
+"""One PTQ run from a composed config: load the FP model, quantize, calibrate, transform, evaluate, write a run dir.
+
+The run dir has summary.json and checkpoints/best.ckpt in the run checkpoint format, so `qat.load_model`,
+`train.py init_from=<run>` and `kd.checkpoint=<run>` read it as they read a training run.
+"""
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from omegaconf import DictConfig
+
+from qat.callbacks import AtomicCheckpointIO, write_json_atomic
+from qat.builders import as_dict, build, build_quant
+from qat.checkpoint import build_from_recipe
+from qat.ptq.awq import awq_
+from qat.ptq.bias_correction import bias_correct_
+from qat.ptq.calibrate import calibrate
+from qat.ptq.observers import create_observer
+from qat.ptq.reconstruct import ReconConfig, reconstruct_, units
+from qat.quant import QuantConfig, quantize_
+from qat.runs import load_checkpoint, model_state, resolve
+
+log = logging.getLogger(__name__)
+RECON_METHODS = (None, "adaround")
+PTQ_BITS = range(2, 9)
+
+
+def load_fp_checkpoint(ref: str, output_root: str | Path) -> tuple[Path, dict]:
+    """(checkpoint file, checkpoint) of an FP run; errors for a quantized or foreign checkpoint."""
+    path = resolve(ref, output_root)
+    checkpoint = load_checkpoint(path)
+    if "qat" not in checkpoint:
+        raise ValueError(f"ckpt={ref}: {path} is not a qat run checkpoint (no 'qat' recipe); train the FP model "
+                         "with train.py and pass its run dir")
+    quant = checkpoint["qat"].get("quant")
+    if build_quant(quant) is not None:
+        raise ValueError(f"ckpt={ref} is already quantized (quant={quant}); PTQ starts from an FP checkpoint: "
+                         "give the FP run it was trained from")
+    return path, checkpoint
+
+
+def quant_config(cfg: DictConfig) -> QuantConfig:
+    """The QuantConfig of the run: cfg.quant with ptq.granularity and, for bias correction, add_bias."""
+    quant = as_dict(cfg.quant)
+    if cfg.ptq.granularity not in ("layer", "channel"):
+        raise ValueError(f"ptq.granularity={cfg.ptq.granularity!r}: choose 'layer' or 'channel'")
+    for key in ("weight", "act"):
+        if quant.get(key) is not None:
+            quant[key]["per_channel"] = cfg.ptq.granularity == "channel"
+            if quant[key]["bits"] not in PTQ_BITS:
+                raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
+                                 f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
+    quant["add_bias"] = bool(cfg.ptq.bias_correct)
+    config = build_quant(quant)
+    if config is None:
+        raise ValueError("quant=fp quantizes nothing: choose a bit width, e.g. quant=w4a32 or quant=w32a8")
+    if config.attn is not None:
+        raise ValueError("quant.attn is not supported by ptq.py yet: use quant=wXa32 / w32aX / wXaY")
+    return config
+
+
+def recon_config(ptq: DictConfig) -> ReconConfig | None:
+    if ptq.recon not in RECON_METHODS:
+        raise ValueError(f"ptq.recon={ptq.recon!r}: choose one of {list(RECON_METHODS)}")
+    if ptq.recon is None:
+        return None
+    return ReconConfig(granularity=ptq.recon_granularity, iters=int(ptq.recon_iters),
+                       batch_size=int(ptq.recon_batch_size), lr=float(ptq.recon_lr), act_lr=float(ptq.recon_act_lr),
+                       reg_weight=float(ptq.recon_reg_weight), warmup=float(ptq.recon_warmup))
+
+
+def check_method(recipe: dict, config: QuantConfig, ptq: DictConfig) -> None:
+    """Errors of the method on this model (observers, recon, awq), on a throwaway quantized copy."""
+    observers(ptq)
+    recon = recon_config(ptq)
+    probe = quantize_(build_from_recipe(recipe), config)
+    if recon is not None and not units(probe, recon.granularity):
+        raise ValueError(f"ptq.recon={ptq.recon}: {recipe['model']['name']} has no quantized layer with a weight "
+                         "quantizer to reconstruct; set quant.weight (e.g. quant=w4a32) or ptq.recon=null")
+    if ptq.awq and config.weight is None:
+        raise ValueError("ptq.awq=true scales weights: set quant.weight (e.g. quant=w4a32) or ptq.awq=false")
+
+
+def observers(ptq: DictConfig):
+    weight = create_observer(**as_dict(ptq.observer))
+    act = create_observer(**as_dict(ptq.act_observer)) if ptq.act_observer is not None else weight
+    return weight, act
+
+
+def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[torch.Tensor]:
+    """`n` training images picked by `seed`, with the eval transform (no augmentation), in batches."""
+    train = datamodule.train_set
+    if n > len(train):
+        raise ValueError(f"ptq.calib_size={n} is larger than the training split ({len(train)} images of "
+                         f"{datamodule.name}); use ptq.calib_size<={len(train)}")
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    transform = datamodule.test_set.transform
+    images = torch.stack([transform(Image.fromarray(train.images[i])) for i in pick.tolist()])
+    return list(images.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, datamodule) -> float:
+    """Top-1 accuracy (%) on the test split."""
+    model.eval()
+    correct = total = 0
+    for x, y in datamodule.test_dataloader():
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    return 100.0 * correct / total
+
+
+def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -> dict:
+    """Quantize `model` in place by the ptq config; returns the facts for summary.json."""
+    ptq, recon = cfg.ptq, recon_config(cfg.ptq)
+    weight_obs, act_obs = observers(ptq)
+    quantize_(model, config)
+    facts, start = {}, time.perf_counter()
+    if ptq.awq:
+        facts["awq_alpha"] = awq_(model, batches, weight_obs, int(ptq.awq_grid))
+        facts["awq_time_s"] = time.perf_counter() - start
+    t = time.perf_counter()
+    facts["quant_mse"] = calibrate(model, batches, weight_obs, act_obs, int(ptq.max_samples))
+    facts["calibration_time_s"] = time.perf_counter() - t
+    if ptq.bias_correct:
+        t = time.perf_counter()
+        facts["bias_correction"] = bias_correct_(model, batches)
+        facts["bias_correction_time_s"] = time.perf_counter() - t
+    if recon is not None:
+        t = time.perf_counter()
+        report = reconstruct_(model, batches, recon)
+        facts["recon"] = {"method": ptq.recon, **dataclasses.asdict(recon), "units": report,
+                          "time_s": time.perf_counter() - t}
+    facts["total_time_s"] = time.perf_counter() - start  # quantization work, without the two evaluations
+    return facts
+
+
+def save_run(output_dir: Path, model, recipe: dict, summary: dict) -> None:
+    """checkpoints/best.ckpt (run checkpoint format) and summary.json, each written atomically."""
+    ckpt = output_dir / "checkpoints" / "best.ckpt"
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    AtomicCheckpointIO().save_checkpoint({"state_dict": state, "qat": recipe}, ckpt)
+    write_json_atomic(output_dir / "summary.json", {**summary, "best_ckpt": str(ckpt), "finished": True})
+
+
+def run(cfg: DictConfig) -> dict:
+    """The PTQ run of `cfg` (conf/ptq.yaml); returns the summary."""
+    output_dir = Path(cfg.paths.output_dir)
+    source, checkpoint = load_fp_checkpoint(cfg.ckpt, cfg.paths.output_root)
+    config = quant_config(cfg)
+    check_method(checkpoint["qat"], config, cfg.ptq)
+    datamodule = build(cfg.data, _convert_="all")
+    datamodule.setup()
+    batches = calibration_batches(datamodule, int(cfg.ptq.calib_size), int(cfg.ptq.calib_seed),
+                                  int(cfg.ptq.calib_batch_size))
+    recipe = checkpoint["qat"]
+    model = build_from_recipe(recipe)
+    model.load_state_dict(model_state(checkpoint), strict=True)
+    fp_acc = evaluate(model, datamodule)
+    facts = quantize_model(model, config, batches, cfg)
+    acc = evaluate(model, datamodule)
+    quant = dataclasses.asdict(config)
+    summary = {"name": cfg.name, "model": recipe["model"]["name"], "quant": quant, "source_ckpt": str(source),
+               "method": as_dict(cfg.ptq), "bits": {
+                   k: None if getattr(config, k) is None else getattr(config, k).bits for k in ("weight", "act")},
+               "fp_acc": fp_acc, "quant_acc": acc, "best_val_acc": acc, "test_acc": acc,
+               "calib_size": len(torch.cat(batches)), "calib_transform": "eval (no augmentation), training split",
+               "output_dir": str(output_dir), **facts}
+    save_run(output_dir, model, {**recipe, "quant": quant}, summary)
+    log.info("PTQ %s: FP %.2f%% -> %.2f%% (calibration %.1fs) -> %s", summary["model"], fp_acc, acc,
+             facts["calibration_time_s"], output_dir)
+    return summary

@@ -1,0 +1,125 @@
+"""ptq.py end to end on the bundled sample with a tiny random-weight FP checkpoint; bad input fails before work."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+import qat
+from qat.checkpoint import init_from
+from qat.runs import resolve
+from qat.distill import load_teacher
+from qat.models import create_model
+from qat.ptq import pipeline
+from qat.quant import QuantConfig, quantize_, quantizers
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+FAST = ["data=cifar10_sample", "data.test_per_class=3", "data.eval_batch_size=64", "ptq.calib_size=32",
+        "ptq.calib_batch_size=16", "ptq.recon_iters=4", "ptq.recon_batch_size=8", "ptq.awq_grid=2",
+        "ptq.max_samples=4096"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fp_run(tmp_path_factory) -> Path:
+    """A run dir with a random-weight FP vit_2_4_32 in the run checkpoint format."""
+    run = tmp_path_factory.mktemp("fp")
+    torch.manual_seed(0)
+    model = create_model("vit_2_4_32")
+    (run / "checkpoints").mkdir()
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()},
+                "qat": {"model": {"name": "vit_2_4_32"}, "quant": None, "num_classes": 10}},
+               run / "checkpoints" / "best.ckpt")
+    (run / "summary.json").write_text(json.dumps({"model": "vit_2_4_32", "quant": None, "finished": True}))
+    return run
+
+
+def ptq(tmp_path: Path, *overrides: str) -> dict:
+    """Compose conf/ptq.yaml like `python ptq.py <overrides>` and run it with outputs in tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("ptq", overrides=FAST + list(overrides))
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    return pipeline.run(cfg)
+
+
+METHODS = [("minmax_layer", "w4a32"), ("minmax_channel", "w32a4"), ("mse_layer", "w4a4"), ("mse_channel", "w3a32"),
+           ("percentile", "w32a8"), ("aciq_layer", "w4a32"), ("aciq_channel", "w32a8"), ("omse", "w8a32"),
+           ("awq", "w4a32"), ("adaround", "w4a4")]
+
+
+@pytest.mark.parametrize("method,quant", METHODS)
+def test_every_method_writes_a_loadable_run(fp_run, tmp_path, method, quant):
+    summary = ptq(tmp_path, f"ckpt={fp_run}", f"quant={quant}", f"ptq={method}")
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["finished"] and saved["model"] == "vit_2_4_32" and saved["quant_acc"] == summary["quant_acc"]
+    assert 0 <= saved["fp_acc"] <= 100 and saved["calib_size"] == 32 and saved["quant_mse"]
+    model = qat.load_model(tmp_path)
+    assert all(bool(q.initialized) for _, q in quantizers(model))
+    assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])
+
+
+def _sample_test():
+    from qat.data import CIFARDataModule
+    dm = CIFARDataModule("cifar10_sample", test_per_class=3, eval_batch_size=64, num_workers=0)
+    dm.setup()
+    return dm
+
+
+def test_bias_corrected_per_channel_run_starts_qat_and_serves_as_teacher(fp_run, tmp_path):
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "ptq.bias_correct=true")
+    assert summary["quant"]["add_bias"] and summary["bias_correction"]
+    student = quantize_(create_model("vit_2_4_32"), QuantConfig(**summary["quant"]))
+    info = init_from(student, resolve(tmp_path, tmp_path))
+    assert info["missing"] == [] and info["unexpected"] == []
+    teacher = load_teacher({"name": "vit_2_4_32"}, resolve(tmp_path, tmp_path), quant=summary["quant"], num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(teacher(x), qat.load_model(tmp_path)(x))
+
+
+def test_asymmetric_inputs_with_lsq_plus_offsets(fp_run, tmp_path):
+    ptq(tmp_path, f"ckpt={fp_run}", "quant=w32a4", "ptq=minmax_channel", "quant.act.learnable_offset=true",
+        "quant.act.symmetric=false", "quant.act.signed=true")
+    model = qat.load_model(tmp_path)
+    q = model.classifier.blocks[0].self_attn.qkv.act_quantizer
+    assert q.offset is not None and q.offset.shape == (128,) and float(q.offset.detach().abs().max()) > 0
+    assert (q.qmin, q.qmax) == (-8, 7)
+
+
+def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
+    ptq(tmp_path / "q", f"ckpt={fp_run}", "quant=w8a32")
+    with pytest.raises(ValueError, match=r"is already quantized .* PTQ starts from an FP checkpoint"):
+        ptq(tmp_path / "again", f"ckpt={tmp_path / 'q'}", "quant=w4a32")
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["ptq.calib_size=5000"], ValueError, r"ptq.calib_size=5000 is larger than the training split \(1000 images"),
+    (["ptq.observer.name=kl"], ValueError, r"ptq.observer='kl' .*\['aciq', 'minmax', 'mse', 'omse', 'percentile'\]"),
+    (["quant.weight.bits=1"], ValueError, r"quant.weight.bits=1: PTQ supports 2..8 bits"),
+    (["quant.weight.bits=9"], ValueError, r"quant.weight.bits=9: PTQ supports 2..8 bits"),
+    (["quant=w32a8", "ptq.recon=adaround"], ValueError, r"ptq.recon=adaround: vit_2_4_32 has no quantized layer"),
+    (["ptq.recon=brecq"], ValueError, r"ptq.recon='brecq': choose one of \[None, 'adaround'\]"),
+    (["quant=fp"], ValueError, r"quant=fp quantizes nothing"),
+])
+def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, error, match):
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
+    with pytest.raises(error, match=match):
+        ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a32", *overrides)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unknown_zoo_name_lists_the_zoo(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"zoo:nope: no zoo model 'nope'; the zoo .* has"):
+        ptq(tmp_path, "ckpt=zoo:nope")

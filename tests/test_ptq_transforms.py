@@ -1,0 +1,85 @@
+"""Bias correction zeroes the mean output error per channel; AWQ keeps the FP function."""
+import pytest
+import torch
+from torch import nn
+
+from qat.models import create_model
+from qat.ptq.awq import awq_, fold_pairs
+from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
+from qat.ptq.calibrate import calibrate, quantizers_off
+from qat.ptq.observers import create_observer
+from qat.quant import QuantConfig, quantize_
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def warmed(name: str, seed: int = 0) -> torch.nn.Module:
+    """A random-weight model whose BatchNorm statistics (if any) come from a few random batches."""
+    torch.manual_seed(seed)
+    model = create_model(name)
+    with torch.no_grad():
+        model.train()(torch.randn(16, 3, 32, 32))
+    return model.eval()
+
+
+def toy() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Flatten(1),
+                         nn.Linear(8 * 4 * 4, 5)).eval()
+
+
+def test_bias_correction_zeroes_the_mean_error_per_channel():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 3}, act={"bits": 4}, add_bias=True))
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(model, batches, create_observer("minmax"))
+    layers = quant_layers(model)
+    with quantizers_off(model):
+        fp = output_means(model, layers, batches)
+    before = output_means(model.eval(), layers, batches)
+    report = bias_correct_(model, batches)
+    after = output_means(model.eval(), layers, batches)
+    assert max(report.values()) > 1e-3  # there was an error to correct
+    for name in layers:
+        assert float((before[name] - fp[name]).abs().max()) > 1e-4
+        torch.testing.assert_close(after[name], fp[name], atol=2e-5, rtol=0)
+
+
+def test_bias_correction_needs_a_bias():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 3}))
+    with pytest.raises(ValueError, match=r"needs a bias .* QuantConfig\(add_bias=True\)"):
+        bias_correct_(model, [torch.randn(2, 3, 8, 8)])
+
+
+@pytest.mark.parametrize("name,use_relu,folds", [("resnet20", False, 9), ("vit_2_4_32", True, 6),
+                                                 ("vit_2_4_32", False, 4)])
+def test_awq_keeps_the_fp_function(name, use_relu, folds):
+    model = warmed(name) if name == "resnet20" else create_model(name, use_relu=use_relu).eval()
+    quantize_(model, QuantConfig(weight={"bits": 3, "per_channel": True}))
+    assert len(fold_pairs(model)) == folds
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with quantizers_off(model):
+        ref = model(x)
+    weights = {n: p.clone() for n, p in model.named_parameters()}
+    alphas = awq_(model, [x], create_observer("minmax"), grid=4)
+    assert any(a > 0 for a in alphas.values())  # some layer was rescaled
+    assert any(not torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with quantizers_off(model):
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_add_bias_gives_zero_biases_and_keeps_the_function():
+    model = toy()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+    quantize_(model, QuantConfig(weight={"bits": 8}, add_bias=True))
+    assert torch.equal(model[0].bias, torch.zeros(8)) and model[2].bias is not None
+    with quantizers_off(model):
+        torch.testing.assert_close(model(x), ref)
