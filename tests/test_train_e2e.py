@@ -38,15 +38,15 @@ def test_compiled_quantizer_kernels_train_with_kd(make_cfg, monkeypatch):
     monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_failed", set())
     train(make_cfg("quant=act4b", run_name="teacher"))  # a quantized teacher: its quantizers are compiled too
-    metrics = train(make_cfg("trainer.fast_dev_run=true", "quant=act2b_attn", "trainer.compile=quantizers",
-                             "kd=vit_4b", "kd.model.name=vit_2_4_32", run_name="student"))
+    metrics = train(make_cfg("trainer.fast_dev_run=true", "quant=act2b_attn", "compile=quantizers",
+                             "kd=vit_4b", "kd.teacher.model.name=vit_2_4_32", run_name="student"))
     assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
     assert set(kernels._compiled) == {kernels._fake_quant, kernels._grads} and not kernels._failed
 
 
 def test_unknown_compile_mode_lists_the_valid_ones(make_cfg):
-    with pytest.raises(ValueError, match=r"trainer.compile='fast': use one of \[False, True, 'quantizers'\]"):
-        train(make_cfg("trainer.compile=fast"))
+    with pytest.raises(ValueError, match=r"compile='fast': use one of \[False, True, 'quantizers'\]"):
+        train(make_cfg("compile=fast"))
 
 
 def test_run_writes_checkpoints_metrics_and_summary(make_cfg):
@@ -80,7 +80,7 @@ def test_quantized_checkpoint_weights_take_at_most_2_pow_bits_values(make_cfg):
 def test_kd_auto_teacher_is_picked_and_not_saved(make_cfg, tmp_path):
     teacher_cfg = make_cfg(run_name="teacher")
     train(teacher_cfg)
-    student_cfg = make_cfg("quant=act2b", "kd=vit_2_4_32", "kd.mse_alpha=2.0", run_name="student")
+    student_cfg = make_cfg("quant=act2b", "kd=vit_2_4_32", "kd.loss.mse_alpha=2.0", run_name="student")
     train(student_cfg)
     summary = json.loads((tmp_path / "student" / "summary.json").read_text())
     assert summary["teacher"]["checkpoint"].startswith(str(tmp_path / "teacher"))
@@ -114,8 +114,8 @@ def test_missing_data_root_explains_layouts(make_cfg, tmp_path):
 @pytest.mark.slow
 def test_kd_chain_fp_then_4bit_then_2bit(make_cfg, tmp_path):
     train(make_cfg(run_name="fp"))
-    train(make_cfg("quant=act4b", "kd=vit_2_4_32", f"kd.checkpoint={tmp_path / 'fp'}", run_name="a4"))
-    train(make_cfg("quant=act2b", "kd=vit_2_4_32", "+quant@kd.quant=act4b", f"kd.checkpoint={tmp_path / 'a4'}",
+    train(make_cfg("quant=act4b", "kd=vit_2_4_32", f"kd.teacher.checkpoint={tmp_path / 'fp'}", run_name="a4"))
+    train(make_cfg("quant=act2b", "kd=vit_2_4_32", "+quant@kd.teacher.quant=act4b", f"kd.teacher.checkpoint={tmp_path / 'a4'}",
                    run_name="a2"))
     a4, a2 = (json.loads((tmp_path / run / "summary.json").read_text()) for run in ("a4", "a2"))
     assert a4["teacher"]["quant"] is None and a4["teacher"]["checkpoint"].startswith(str(tmp_path / "fp"))
