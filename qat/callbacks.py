@@ -180,20 +180,3 @@ class RunSummary(Callback):
         if self.summary and "test/acc1" in trainer.callback_metrics:
             self.summary["test_acc"] = 100.0 * float(trainer.callback_metrics["test/acc1"])
             write_json_atomic(self.path, self.summary)
-
-
-class Throughput(Callback):
-    """Training images/s (all ranks) in the progress bar and the logs."""
-
-    def __init__(self):
-        self.start = None
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.start is None:
-            return
-        images = len(batch[0]) * trainer.world_size
-        pl_module.log("img_s", images / max(time.perf_counter() - self.start, 1e-9), prog_bar=True,
-                      on_step=True, on_epoch=False)

@@ -167,8 +167,5 @@ class LitClassifier(L.LightningModule):
         if self.optim.clip_grad is not None:  # runs on unscaled gradients under AMP
             clip_gradients(self.model, self.optim.clip_grad, self.optim.clip_mode)
 
-    def on_train_epoch_end(self) -> None:
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"], on_epoch=True)
-
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["qat"] = self.recipe

@@ -66,12 +66,18 @@ def plot_curves(runs: dict[str, list[dict]], path: Path) -> dict:
     return drawn
 
 
+def lr_key(rows: list[dict]) -> str:
+    """The metrics.csv column of the main lr: LearningRateMonitor's 'lr-<optimizer>/decay' group, else the first."""
+    keys = sorted({k for row in rows for k in row if k.startswith("lr-")}, key=lambda k: not k.endswith("/decay"))
+    return keys[0] if keys else "lr"
+
+
 def plot_lr(runs: dict[str, list[dict]], path: Path) -> dict:
     """Learning rate per epoch, one colour per run; returns {run: (x, y)}."""
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = {}
     for colour, (label, rows) in zip(colours(len(runs)), runs.items()):
-        drawn[label] = series(rows, "lr")
+        drawn[label] = series(rows, lr_key(rows))
         ax.plot(*drawn[label], color=colour, label=label)
     ax.set(xlabel="epoch", ylabel="lr", title="learning rate", yscale="log")
     ax.grid(alpha=0.3)

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from qat.builders import as_dict, build, build_quant
-from qat.callbacks import AtomicCheckpointIO, LastCheckpoint, RunSummary, Throughput
+from qat.callbacks import AtomicCheckpointIO, LastCheckpoint, RunSummary
 from qat.checkpoint import init_from
 from qat.data import build_batch_erasing, build_mixup
 from qat.distill import load_teacher
@@ -111,12 +111,14 @@ def run_meta(cfg: DictConfig, model, recipe: dict, kd_meta: dict, init_info: dic
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path, meta: dict, quantized: bool, calibration) -> list:
-    """Checkpoints (best on val/acc1, last), summary.json, throughput, quantizer lifecycle and telemetry."""
-    checkpointing = ModelCheckpoint(dirpath=output_dir / "checkpoints", filename="best", monitor="val/acc1",
-                                    mode="max", save_top_k=1, enable_version_counter=False,
-                                    auto_insert_metric_name=False)
+    """The configured callbacks (conf/callbacks: best checkpoint, lr, throughput, ...), then qat's own: last.ckpt
+    every epoch, summary.json, the quantizer lifecycle and telemetry."""
+    callbacks = [build(c) for c in (cfg.callbacks or {}).values()]
+    if not any(type(c) is ModelCheckpoint for c in callbacks):
+        raise ValueError(f"callbacks={list(cfg.callbacks or {})} has no model_checkpoint: best.ckpt, testing and "
+                         "summary.json need it; keep callbacks=default (or full) and add to it")
     last = LastCheckpoint(output_dir / "checkpoints")  # every epoch; Lightning's save_last follows best only
-    callbacks = [checkpointing, last, RunSummary(output_dir, meta), Throughput()]
+    callbacks += [last, RunSummary(output_dir, meta)]
     if quantized:
         callbacks.append(QuantizationCallback(calibration))
         if cfg.telemetry.every_n_steps:

@@ -27,7 +27,8 @@ def write_run(run, acc_offset: float = 0.0):
         last = 2 * epoch + 1
         rows.append({"epoch": epoch, "step": last, "val/acc1": 0.3 + 0.1 * epoch + acc_offset,
                      "val/loss": 2 - 0.2 * epoch})
-        rows.append({"epoch": epoch, "step": last, "lr": 1e-3 / (epoch + 1), "train/acc1": 0.2 + 0.1 * epoch,
+        rows.append({"epoch": epoch, "step": last, "lr-AdamW/decay": 1e-3 / (epoch + 1),
+                     "lr-AdamW/quant": 1e-2, "train/acc1": 0.2 + 0.1 * epoch,
                      "train/loss_epoch": 2.2 - 0.3 * epoch})
     rows.append({"epoch": 3, "step": 6, "test/acc1": 0.55})
     columns = sorted({k for row in rows for k in row})

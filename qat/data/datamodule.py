@@ -20,6 +20,11 @@ DATASETS = {  # name: (classes, mean, std, default root)
 }
 
 
+def batch_images(batch) -> int:
+    """Images in a training batch (x, y): the batch_size_fn of Lightning's ThroughputMonitor (conf/callbacks)."""
+    return len(batch[0])
+
+
 class ArrayDataset(Dataset):
     """uint8 HWC images + int64 labels, transformed per item (PIL in, tensor out)."""
 
