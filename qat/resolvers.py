@@ -1,4 +1,7 @@
 """OmegaConf resolvers used by conf/, registered when `qat` is imported."""
+import os
+from pathlib import Path
+
 import torch
 from omegaconf import OmegaConf
 
@@ -15,8 +18,17 @@ def ckpt_model(ref, model_name=None, output_root: str = "outputs") -> str:
     return str(model_name) if model_name else model_of(ref, output_root)
 
 
+def project_root() -> str:
+    """`${qat_root:}`: $PROJECT_ROOT, else the checkout holding conf/ and pyproject.toml (rootutils' idea), else the
+    working directory: outputs and data then land in the project whatever directory a command runs from."""
+    if os.environ.get("PROJECT_ROOT"):
+        return os.environ["PROJECT_ROOT"]
+    checkout = Path(__file__).resolve().parents[1]
+    return str(checkout) if (checkout / "pyproject.toml").is_file() and (checkout / "conf").is_dir() else os.getcwd()
+
+
 def register_resolvers() -> None:
     """Register the qat resolvers once per process."""
-    for name, fn in (("qat_amp", amp_precision), ("qat_ckpt_model", ckpt_model)):
+    for name, fn in (("qat_amp", amp_precision), ("qat_ckpt_model", ckpt_model), ("qat_root", project_root)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

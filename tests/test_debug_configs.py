@@ -4,7 +4,7 @@ from omegaconf import open_dict
 
 from qat.extras import print_config_tree
 from qat.run import train
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 
 @pytest.mark.parametrize("name, key, value", [("fdr", "fast_dev_run", True), ("overfit", "overfit_batches", 3),
@@ -35,3 +35,12 @@ def test_config_tree_has_a_branch_per_group(tmp_path):
     tree = print_config_tree(cfg)
     labels = [str(child.label) for child in tree.children]
     assert labels[:6] == ["model", "quant", "kd", "data", "optim", "trainer"] and "tags" in labels
+
+
+def test_paths_are_anchored_to_the_project_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PROJECT_ROOT", raising=False)
+    cfg = compose_config([], tmp_path)
+    assert cfg.paths.root_dir == str(ROOT) and cfg.paths.data_dir == str(ROOT / "data")
+    monkeypatch.setenv("PROJECT_ROOT", str(tmp_path))
+    assert compose_config([], tmp_path).paths.root_dir == str(tmp_path)
