@@ -10,6 +10,7 @@ from omegaconf import open_dict
 
 import qat
 from qat.checkpoint import init_from
+from qat.export.exporter import export
 from qat.runs import resolve
 from qat.distill import load_teacher
 from qat.models import create_model
@@ -123,3 +124,14 @@ def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, e
 def test_unknown_zoo_name_lists_the_zoo(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"zoo:nope: no zoo model 'nope'; the zoo .* has"):
         ptq(tmp_path, "ckpt=zoo:nope")
+
+
+def test_per_channel_ptq_run_exports_equal_to_fake_quant(fp_run, tmp_path):
+    ptq(tmp_path / "ptq", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "ptq.act_granularity=layer",
+        "ptq.bias_correct=true")
+    report = export(tmp_path / "ptq", "all", check=32)
+    for fmt in ("int", "onnx"):
+        assert report["check"][fmt]["top1_agreement"] == 1.0, report["check"]
+    with pytest.raises(ValueError, match="per-channel activation steps: an integer matmul"):
+        ptq(tmp_path / "pc", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel")
+        export(tmp_path / "pc", "int", check=0)

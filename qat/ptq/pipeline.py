@@ -45,11 +45,13 @@ def load_fp_checkpoint(ref: str, output_root: str | Path) -> tuple[Path, dict]:
 def quant_config(cfg: DictConfig) -> QuantConfig:
     """The QuantConfig of the run: cfg.quant with ptq.granularity and, for bias correction, add_bias."""
     quant = as_dict(cfg.quant)
-    if cfg.ptq.granularity not in ("layer", "channel"):
-        raise ValueError(f"ptq.granularity={cfg.ptq.granularity!r}: choose 'layer' or 'channel'")
+    granularity = {"weight": cfg.ptq.granularity, "act": cfg.ptq.get("act_granularity") or cfg.ptq.granularity}
+    for key, value in (("granularity", granularity["weight"]), ("act_granularity", granularity["act"])):
+        if value not in ("layer", "channel"):
+            raise ValueError(f"ptq.{key}={value!r}: choose 'layer' or 'channel'")
     for key in ("weight", "act"):
         if quant.get(key) is not None:
-            quant[key]["per_channel"] = cfg.ptq.granularity == "channel"
+            quant[key]["per_channel"] = granularity[key] == "channel"
             if quant[key]["bits"] not in PTQ_BITS:
                 raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                                  f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
