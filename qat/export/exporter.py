@@ -62,17 +62,22 @@ def check_request(model: nn.Module, formats: set[str], opset: int, int4: bool, s
     if fresh:
         raise ValueError(f"quantizer {fresh[0]} of {source} is not initialised (step never set): export a trained "
                          "or calibrated checkpoint")
-    per_channel_inputs = [n for n, m in model.named_modules()
-                          if isinstance(m, (QuantLinear, QuantConv2d)) and getattr(live(m.act_quantizer), "per_channel", 0)]
-    if per_channel_inputs:
-        raise ValueError(f"layer {per_channel_inputs[0]} of {source} has per-channel activation steps: an integer "
-                         "matmul needs one step per input tensor (each input channel would need its own rescale "
-                         "inside the sum); re-run PTQ with per-tensor activations (ptq.act_granularity=layer), or evaluate it as fake-quant with eval.py")
+    check_per_tensor_inputs(model, source)
     if "packed" in formats and not has_weight_codes(model):
         raise ValueError(f"{source} quantizes activations only (no weight quantizer): --format packed has no weight "
                          "codes to pack; use --format int or onnx")
     if "onnx" in formats:
         check_opset(model, opset, int4)
+
+
+def check_per_tensor_inputs(model: nn.Module, source: str) -> None:
+    """An integer matmul needs one activation step per input tensor: refuse per-channel input quantizers."""
+    per_channel = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))
+                   and getattr(live(m.act_quantizer), "per_channel", False)]
+    if per_channel:
+        raise ValueError(f"layer {per_channel[0]} of {source} has per-channel activation steps: an integer matmul "
+                         "needs one step per input tensor (each input channel would need its own rescale inside the "
+                         "sum); re-run PTQ with ptq.act_granularity=layer, or evaluate it as fake-quant with eval.py")
 
 
 def has_weight_codes(model: nn.Module) -> bool:
