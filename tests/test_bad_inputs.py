@@ -64,7 +64,7 @@ CASES = [
     (STUDENT_W2A2 + ["quant.weight.bits=9"], "bits=9 is not supported"),
     (STUDENT_W2A2 + ["quant.act.bits=abc"], "quant.act.bits='abc' is not an integer"),
     (STUDENT_W2A2 + ["quant.weight.init=foo"], "init='foo' is not supported"),
-    (STUDENT_W2A2 + ["quant.act.per_channel=true"], "quant.act.per_channel=True is not supported"),
+    (STUDENT_W2A2 + ["quant.weight.learnable_offset=maybe"], "quant.weight.learnable_offset='maybe' is not a boolean"),
     (STUDENT_W2A2 + ["telemetry.every_n_steps=-1"], "every_n_steps=-1"),
     # models
     (["model.name=nosuch"], "unknown model name='nosuch'"),
