@@ -16,7 +16,6 @@ from qat import errors, moved_keys, runlock, validate
 from qat.callbacks import mark_run
 
 log = logging.getLogger("qat")
-runlock.register_resolver()  # ${qat.unique_dir:...} in conf/hydra/default.yaml
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")

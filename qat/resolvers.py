@@ -29,6 +29,9 @@ def project_root() -> str:
 
 def register_resolvers() -> None:
     """Register the qat resolvers once per process."""
-    for name, fn in (("qat_amp", amp_precision), ("qat_ckpt_model", ckpt_model), ("qat_root", project_root)):
+    from qat.runlock import unique_dir  # run dirs created exclusively (conf/hydra/default.yaml)
+    resolvers = (("qat_amp", amp_precision), ("qat_ckpt_model", ckpt_model), ("qat_root", project_root),
+                 ("qat.unique_dir", unique_dir))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)

@@ -6,7 +6,6 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from omegaconf import OmegaConf
 
 LOCK_NAME = ".lock"
 _claimed: dict[str, str] = {}  # base path -> the dir this process created for it
@@ -31,12 +30,6 @@ def unique_dir(base: str) -> str:
         else:
             raise FileExistsError(f"{base}: 10,000 run dirs of that name exist; clean up {Path(base).parent}")
     return _claimed[base]
-
-
-def register_resolver() -> None:
-    """`${qat.unique_dir:<path>}` for conf/hydra/default.yaml (call before Hydra composes the config)."""
-    if not OmegaConf.has_resolver("qat.unique_dir"):
-        OmegaConf.register_new_resolver("qat.unique_dir", unique_dir)
 
 
 class RunDirLocked(ValueError):

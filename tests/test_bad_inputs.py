@@ -66,6 +66,10 @@ CASES = [
     (STUDENT_W2A2 + ["quant.weight.init=foo"], "init='foo' is not supported"),
     (STUDENT_W2A2 + ["quant.weight.learnable_offset=maybe"], "quant.weight.learnable_offset='maybe' is not a boolean"),
     (STUDENT_W2A2 + ["telemetry.every_n_steps=-1"], "every_n_steps=-1"),
+    (["quant=act2b_attn", "quant.attn.probs_signed=true"], "quant.attn.probs_signed was renamed to quant.attn.signed"),
+    (["callbacks=fulll"], "Could not find 'callbacks/fulll'"),
+    (["callbacks=lr_monitor"], "has no model_checkpoint"),
+    (["debug=nosuch"], "Could not find 'debug/nosuch'"),
     # models
     (["model.name=nosuch"], "unknown model name='nosuch'"),
     (["model.norm=foo"], "norm='foo' is not supported"),

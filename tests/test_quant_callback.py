@@ -125,7 +125,6 @@ from lightning.pytorch import Callback
 sys.path.insert(0, {tests!r})
 import qat.run
 from conftest import TINY, compose_config
-from qat import runlock
 from qat.quant import quantizers
 
 
@@ -140,7 +139,6 @@ qat.run.build_callbacks = lambda *args, **kwargs: build_callbacks(*args, **kwarg
 # minmax: steps start too large; quant_lr 10: the first Adam step (10 x sign of the gradient) takes them below 0
 overrides = TINY + ["quant=act2b", "trainer=ddp_cpu", "quant.act.init=minmax", "optim.quant_lr=10.0"]
 logging.basicConfig(level=logging.INFO)
-runlock.register_resolver()  # Lightning's DDP launcher reads hydra.run.dir
 qat.run.train(compose_config(overrides, Path({out!r})))
 """
 
