@@ -17,10 +17,10 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.adaround import GAMMA, ZETA
-from qat.ptq.calibrate import calibrate, quantizers_off
+from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import OBSERVERS, create_observer
 from qat.ptq.reconstruct import ReconConfig, capture, fit_unit, reconstruct_, units
-from qat.quant import QuantConfig, quantize_
+from qat.quant import QuantConfig, quantize_, quantizers_off
 
 OUT = Path(__file__).parent / "results"
 

@@ -2,7 +2,6 @@
 import dataclasses
 import json
 import logging
-from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +20,7 @@ from qat.extras import apply_extras
 from qat.model_summary import quant_summary
 from qat.module import LitClassifier
 from qat.optim import OptimConfig
-from qat.quant import compile_quantizers, quantize_, quantizers
+from qat.quant import compile_quantizers, quantize_, quantizers, quantizers_off
 from qat.quant.callback import QuantizationCallback
 from qat.runs import resolve, sha256_file
 from qat.telemetry import QuantTelemetry
@@ -29,22 +28,6 @@ from qat.telemetry import QuantTelemetry
 log = logging.getLogger(__name__)
 
 COMPILE_MODES = (False, True, "quantizers")
-
-
-@contextmanager
-def quantizers_bypassed(model: torch.nn.Module):
-    """Run `model` in eval mode with its quantizers off: shape checks before steps are initialised from data."""
-    qs = [q for _, q in quantizers(model)]
-    states, was_training = [q.enabled for q in qs], model.training
-    for q in qs:
-        q.enabled = False
-    try:
-        with torch.no_grad():
-            yield model.eval()
-    finally:
-        for q, enabled in zip(qs, states):
-            q.enabled = enabled
-        model.train(was_training)
 
 
 def hydra_facts() -> dict:
@@ -93,7 +76,7 @@ def build_distillation(cfg: DictConfig, student: torch.nn.Module) -> tuple:
 def dry_run(student, teacher, img_size: int) -> tuple:
     """(logits, features) of student (quantizers bypassed: not initialised yet) and teacher on a zero batch."""
     x = torch.zeros(2, 3, img_size, img_size)
-    with quantizers_bypassed(student):  # also no_grad
+    with quantizers_off(student):  # also no_grad
         return student(x, return_features=True), teacher(x, return_features=True)
 
 

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -28,6 +29,15 @@ def compose_config(overrides: list[str], output_root: Path, run_name: str = "run
         cfg.paths.output_dir = str(output_root / run_name)
     GlobalHydra.instance().clear()
     return cfg
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny ops (several times slower with threads on a shared CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -11,13 +11,7 @@ from qat.datafree import SyntheticDataModule
 from qat.models import create_model
 from qat.run import train
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 def save_run_checkpoint(model: nn.Module, name: str, path: Path) -> Path:

@@ -11,13 +11,7 @@ from qat.datafree.images import from_uint8, gaussian_images, pixel_bounds, to_ui
 from qat.datafree.zeroq import ZeroQSettings, check_has_bn, zeroq_images
 from qat.models import create_model
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Many small ops: one thread is much faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 BOUND = 0.1  # BN-statistic loss of TinyBNNet's ZeroQ images after the default iterations (measured ~0.02)

@@ -7,14 +7,7 @@ from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import ACIQ_LAPLACE, MSE, OMSE, Stats, create_observer, fake_quant
 from qat.quant import LSQQuantizer, QuantConfig, QuantConv2d, QuantLinear, quantize_
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 def laplace(n: int, b: float = 1.0, seed: int = 0) -> torch.Tensor:

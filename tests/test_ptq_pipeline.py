@@ -17,19 +17,12 @@ from qat.models import create_model
 from qat.ptq import pipeline
 from qat.quant import QuantConfig, quantize_, quantizers
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
+
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = ["data=cifar10_sample", "data.test_per_class=3", "data.eval_batch_size=64", "ptq.calib_size=32",
         "ptq.calib_batch_size=16", "ptq.recon_iters=4", "ptq.recon_batch_size=8", "ptq.awq_grid=2",
         "ptq.max_samples=4096"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,11 @@ from torch import nn
 from qat.models import create_model
 from qat.ptq.awq import awq_, fold_pairs
 from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
-from qat.ptq.calibrate import calibrate, quantizers_off
+from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
-from qat.quant import QuantConfig, quantize_
+from qat.quant import QuantConfig, quantize_, quantizers_off
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: these tiny ops are several times slower with threads on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 def warmed(name: str, seed: int = 0) -> torch.nn.Module:

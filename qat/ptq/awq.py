@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.ptq.calibrate import inputs_of, quantizers_off, rows_of
+from qat.ptq.calibrate import inputs_of, rows_of
 from qat.ptq.observers import Observer, Stats, fake_quant
-from qat.quant import LSQQuantizer, QuantConv2d, QuantLayerMixin
+from qat.quant import LSQQuantizer, QuantConv2d, QuantLayerMixin, quantizers_off
 
 
 def _is_relu_block(parent: nn.Module) -> bool:

@@ -7,8 +7,8 @@ quantized layer equals the FP mean per channel (on the calibration data).
 import torch
 from torch import nn
 
-from qat.ptq.calibrate import inputs_of, quantizers_off
-from qat.quant import QuantConv2d, QuantLayerMixin
+from qat.ptq.calibrate import inputs_of
+from qat.quant import QuantConv2d, QuantLayerMixin, quantizers_off
 
 
 def channel_mean(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:

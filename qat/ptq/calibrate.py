@@ -5,13 +5,12 @@ activation quantizers: the exact per-row min / max and a bounded random sample o
 """
 import math
 from collections.abc import Iterable
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from qat.ptq.observers import Observer, Stats, fake_quant
-from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers
+from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers, quantizers_off
 
 MAX_SAMPLES = 2**16  # samples kept per activation quantizer (split over its channels)
 
@@ -50,22 +49,6 @@ def weight_quantizers(model: nn.Module) -> dict[LSQQuantizer, nn.Module]:
     """{weight quantizer: its layer} for every quantized layer with an LSQ weight quantizer."""
     return {m.weight_quantizer: m for m in model.modules()
             if isinstance(m, QuantLayerMixin) and isinstance(m.weight_quantizer, LSQQuantizer)}
-
-
-@contextmanager
-def quantizers_off(model: nn.Module):
-    """Eval mode, no grad, every quantizer disabled: the FP function of a quantized model."""
-    qs = [q for _, q in quantizers(model)]
-    states, was_training = [q.enabled for q in qs], model.training
-    for q in qs:
-        q.enabled = False
-    try:
-        with torch.no_grad():
-            yield model.eval()
-    finally:
-        for q, enabled in zip(qs, states):
-            q.enabled = enabled
-        model.train(was_training)
 
 
 def inputs_of(batch):

@@ -14,8 +14,8 @@ from torch import nn
 from qat.models.layers import TransformerEncoderLayer
 from qat.models.resnet_cifar import BasicBlock
 from qat.ptq.adaround import BetaSchedule, attach_, bake_
-from qat.ptq.calibrate import inputs_of, quantizers_off
-from qat.quant import LSQQuantizer, QuantLayerMixin
+from qat.ptq.calibrate import inputs_of
+from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers_off
 
 log = logging.getLogger(__name__)
 BLOCKS = (BasicBlock, TransformerEncoderLayer)  # BRECQ blocks: a residual block, a transformer block

@@ -1,5 +1,6 @@
 """LSQ / LSQ+ quantizer module and helpers to walk the quantizers of a model."""
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -166,6 +167,22 @@ class LSQQuantizer(nn.Module):
 def quantizers(model: nn.Module) -> Iterator[tuple[str, LSQQuantizer]]:
     """(name, quantizer) for every LSQQuantizer in `model`."""
     return ((n, m) for n, m in model.named_modules() if isinstance(m, LSQQuantizer))
+
+
+@contextmanager
+def quantizers_off(model: nn.Module):
+    """Eval mode, no grad, every quantizer disabled: the FP function of a quantized model."""
+    qs = [q for _, q in quantizers(model)]
+    states, was_training = [q.enabled for q in qs], model.training
+    for q in qs:
+        q.enabled = False
+    try:
+        with torch.no_grad():
+            yield model.eval()
+    finally:
+        for q, enabled in zip(qs, states):
+            q.enabled = enabled
+        model.train(was_training)
 
 
 def compile_quantizers(model: nn.Module) -> int:
