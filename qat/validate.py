@@ -103,10 +103,6 @@ def check_checkpoint_file(key: str, value) -> None:
                          "written by train.py or a run directory")
 
 
-def _quant_of(recipe_quant) -> dict | None:
-    return {k: v for k, v in recipe_quant.items() if k != "_target_"} if recipe_quant else None
-
-
 def describe(model: str, quant: dict | None) -> str:
     return f"{model} ({'quantized: ' + str(quant) if quant else 'float'})"
 
@@ -115,7 +111,7 @@ def check_resume_matches(cfg: DictConfig) -> None:
     """ckpt_path=<checkpoint> of another model or quant config fails naming both, before Lightning's key dump."""
     import torch
 
-    from qat.builders import as_dict, build_quant
+    from qat.runs import normalize_quant
     path = cfg.ckpt_path
     if not Path(path).is_file():
         return
@@ -123,8 +119,8 @@ def check_resume_matches(cfg: DictConfig) -> None:
     if not stored:
         raise ValueError(f"ckpt_path={path} is not a qat run checkpoint (no 'qat' recipe): resume needs a "
                          "last.ckpt/best.ckpt written by train.py; load weights with init_from= instead")
-    theirs = (stored.get("model", {}).get("name"), _quant_of(stored.get("quant")))
-    ours = (cfg.model.name, _quant_of(as_dict(cfg.quant)) if build_quant(cfg.quant) is not None else None)
+    theirs = (stored.get("model", {}).get("name"), normalize_quant(stored.get("quant")))
+    ours = (cfg.model.name, normalize_quant(cfg.quant))
     if theirs != ours:
         raise ValueError(f"ckpt_path={path} is a checkpoint of {describe(*theirs)}, but this run builds "
                          f"{describe(*ours)}: resume with that run's model=/quant= (its .hydra/overrides.yaml), "

@@ -133,3 +133,21 @@ def test_bad_input_is_one_line_and_exit_2(results, files, index):
     for log in out.rglob("train.log"):  # the run's log records the error
         assert errors[0] in log.read_text()
     assert not [s for s in out.rglob("summary.json") if json.loads(s.read_text()).get("finished")]
+
+
+@pytest.mark.parametrize("command, text", [
+    (["eval.py", "ckpt={files}/missing.ckpt"], "does not exist"),
+    (["eval.py", "ckpt={files}/notes.ckpt", "data=cifar10_sample"], "is not a readable torch checkpoint"),
+    (["eval.py", "ckpt={files}/resnet20.ckpt"], "is not inside a run dir with .hydra/config.yaml: say which data"),
+    (["ptq.py", "ckpt={files}/missing.ckpt"], "does not exist"),
+    (["ptq.py", "ckpt={files}/teacher.pt", "ptq=nosuch"], "Could not find 'ptq/nosuch'"),
+    (["-m", "qat.export", "{files}/notes.ckpt"], "is not a readable torch checkpoint"),
+    (["-m", "qat.export", "{files}/missing.ckpt", "--format", "bin"], "invalid choice: 'bin'"),
+])
+@pytest.mark.slow
+def test_other_commands_report_bad_input_in_one_line(files, command, text):
+    done = subprocess.run([sys.executable, *[c.format(files=files) for c in command]], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert text.format(files=files) in lines[-1], lines[-1]

@@ -142,4 +142,4 @@ def test_eval_py_command_line(tmp_path):
     assert json.loads((out / "eval.json").read_text())["images"] == 30
     assert "top-1" in (out / "eval.log").read_text()
     bad = subprocess.run(base + [f"ckpt={tmp_path / 'nope'}"], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ") and bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
