@@ -69,7 +69,7 @@ CASES = [
     (["quant=act2b_attn", "quant.attn.probs_signed=true"], "quant.attn.probs_signed was renamed to quant.attn.signed"),
     (["callbacks=fulll"], "Could not find 'callbacks/fulll'"),
     (["callbacks=lr_monitor"], "has no model_checkpoint"),
-    (["debug=nosuch"], "Could not find 'debug/nosuch'"),
+    (["extras=nosuch"], "Could not find 'extras/nosuch'"),  # (a debug=<x> override asks for tracebacks)
     # models
     (["model.name=nosuch"], "unknown model name='nosuch'"),
     (["model.norm=foo"], "norm='foo' is not supported"),
