@@ -11,7 +11,9 @@ from qat.datafree.images import pixel_bounds
 from qat.distill import DistillLoss
 from qat.quant import QuantConfig, calibrate_, quantize_
 from qat.run import train
-from test_datafree_synthetic import SYNTH, fp_resnet20, module, one_thread  # noqa: F401 (fixtures)
+from test_datafree_synthetic import SYNTH, fp_resnet20, module  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 def states_equal(a: dict, b: dict) -> bool:

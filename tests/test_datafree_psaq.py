@@ -8,7 +8,9 @@ from qat.data.transforms import CIFAR10_MEAN, CIFAR10_STD
 from qat.datafree.images import gaussian_images
 from qat.datafree.psaq import AttentionOutputs, PSAQSettings, patch_similarity_entropy, psaq_images
 from qat.models import create_model
-from test_datafree_synthetic import fp_resnet20, fp_vit, module, one_thread  # noqa: F401 (fixtures)
+from test_datafree_synthetic import fp_resnet20, fp_vit, module  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
 
 def test_entropy_is_higher_for_diverse_patch_similarities():
