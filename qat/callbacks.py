@@ -51,9 +51,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-STATUSES = ("running", "finished", "interrupted", "failed")
-
-
 def mark_run(output_dir: str | Path, status: str, error: str | None = None, facts: dict | None = None) -> None:
     """Set summary.json's "status", "error" and `facts`; "finished" is true only for status "finished".
 

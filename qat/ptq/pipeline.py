@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from qat.callbacks import AtomicCheckpointIO, write_json_atomic
 from qat.builders import as_dict, build, build_quant
 from qat.checkpoint import build_from_recipe
+from qat.evaluate import score
 from qat.ptq.awq import awq_
 from qat.ptq.bias_correction import bias_correct_
 from qat.ptq.calibrate import calibrate
@@ -106,13 +107,8 @@ def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, datamodule) -> float:
-    """Top-1 accuracy (%) on the test split."""
-    model.eval()
-    correct = total = 0
-    for x, y in datamodule.test_dataloader():
-        correct += int((model(x).argmax(1) == y).sum())
-        total += len(y)
-    return 100.0 * correct / total
+    """Top-1 accuracy (%) on the test split (`qat.evaluate.score`, as eval.py computes it)."""
+    return score(model.eval(), datamodule.test_dataloader(), datamodule.num_classes)["acc1"]
 
 
 def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -> dict:
