@@ -11,6 +11,7 @@ from torch import nn
 
 from qat.ptq.observers import Observer, Stats, fake_quant
 from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers, quantizers_off
+from qat.quant.calibrate import inputs_of
 
 MAX_SAMPLES = 2**16  # samples kept per activation quantizer (split over its channels)
 
@@ -49,11 +50,6 @@ def weight_quantizers(model: nn.Module) -> dict[LSQQuantizer, nn.Module]:
     """{weight quantizer: its layer} for every quantized layer with an LSQ weight quantizer."""
     return {m.weight_quantizer: m for m in model.modules()
             if isinstance(m, QuantLayerMixin) and isinstance(m.weight_quantizer, LSQQuantizer)}
-
-
-def inputs_of(batch):
-    """The images of a batch given as a tensor or an (images, labels) pair."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def collect_activations(model: nn.Module, batches: list, budget: int = MAX_SAMPLES) -> dict[LSQQuantizer, Stats]:

@@ -12,7 +12,8 @@ log = logging.getLogger(__name__)
 METHODS = (None,)  # None: each quantizer's own `init` (lsq | minmax | mse) on the first batch
 
 
-def _images(batch) -> torch.Tensor:
+def inputs_of(batch) -> torch.Tensor:
+    """The images of a batch given as a tensor or an (images, labels) pair."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
@@ -34,7 +35,7 @@ def calibrate_(model: nn.Module, batches: Iterable, method: str | None = None) -
     if batch is None:
         raise ValueError(f"calibrate_: batches is empty but {len(pending)} quantizers need initialising: "
                          "pass at least one batch of training images")
-    x = _images(batch).to(next(model.parameters()).device)
+    x = inputs_of(batch).to(next(model.parameters()).device)
     was_training = model.training
     try:
         model.train()(x)
