@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 def build_from_recipe(recipe: dict) -> nn.Module:
     """Model + quantization surgery exactly as the run that wrote the recipe."""
     model = build_model(recipe["model"])
+    if recipe.get("fold_bn"):  # PTQ with CLE / BN-statistics bias correction: BatchNorm folded into the convs
+        from qat.datafree.fold import fold_bn_  # here: qat.datafree imports qat.checkpoint (via qat.distill)
+        fold_bn_(model.eval())
     quant = build_quant(recipe.get("quant"))
     return quantize_(model, quant) if quant is not None else model
 

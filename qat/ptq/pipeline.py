@@ -19,6 +19,8 @@ from qat.evaluate import score
 from qat.ptq.awq import awq_
 from qat.ptq.bias_correction import bias_correct_
 from qat.ptq.calibrate import calibrate
+from qat.ptq.dfq import check_datafree, fold_and_equalize_, folds
+from qat.datafree.bn_bias import bn_bias_correct_
 from qat.ptq.observers import create_observer
 from qat.ptq.reconstruct import ReconConfig, reconstruct_, units
 from qat.quant import QuantConfig, quantize_
@@ -56,7 +58,7 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
             if quant[key]["bits"] not in PTQ_BITS:
                 raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                                  f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
-    quant["add_bias"] = bool(cfg.ptq.bias_correct)
+    quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq)
     config = build_quant(quant)
     if config is None:
         raise ValueError("quant=fp quantizes nothing: choose a bit width, e.g. quant=w4a32 or quant=w32a8")
@@ -78,6 +80,7 @@ def recon_config(ptq: DictConfig) -> ReconConfig | None:
 def check_method(recipe: dict, config: QuantConfig, ptq: DictConfig) -> None:
     """Errors of the method on this model (observers, recon, awq), on a throwaway quantized copy."""
     observers(ptq)
+    check_datafree(build_from_recipe(recipe), ptq)
     recon = recon_config(ptq)
     probe = quantize_(build_from_recipe(recipe), config)
     if recon is not None and not units(probe, recon.granularity):
@@ -115,6 +118,7 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     """Quantize `model` in place by the ptq config; returns the facts for summary.json."""
     ptq, recon = cfg.ptq, recon_config(cfg.ptq)
     weight_obs, act_obs = observers(ptq)
+    stats = fold_and_equalize_(model, ptq)
     quantize_(model, config)
     facts, start = {}, time.perf_counter()
     if ptq.awq:
@@ -123,9 +127,13 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     t = time.perf_counter()
     facts["quant_mse"] = calibrate(model, batches, weight_obs, act_obs, int(ptq.max_samples))
     facts["calibration_time_s"] = time.perf_counter() - t
-    if ptq.bias_correct:
+    if ptq.bias_correct in (True, "empirical"):
         t = time.perf_counter()
         facts["bias_correction"] = bias_correct_(model, batches)
+        facts["bias_correction_time_s"] = time.perf_counter() - t
+    if ptq.bias_correct == "bn_stats":
+        t = time.perf_counter()
+        facts["bias_correction"] = bn_bias_correct_(model, stats)
         facts["bias_correction_time_s"] = time.perf_counter() - t
     if recon is not None:
         t = time.perf_counter()
@@ -167,7 +175,7 @@ def run(cfg: DictConfig) -> dict:
                "fp_acc": fp_acc, "quant_acc": acc, "best_val_acc": acc, "test_acc": acc,
                "calib_size": len(torch.cat(batches)), "calib_transform": "eval (no augmentation), training split",
                "output_dir": str(output_dir), **facts}
-    save_run(output_dir, model, {**recipe, "quant": quant}, summary)
+    save_run(output_dir, model, {**recipe, "quant": quant, **({"fold_bn": True} if folds(cfg.ptq) else {})}, summary)
     log.info("PTQ %s: FP %.2f%% -> %.2f%% (calibration %.1fs) -> %s", summary["model"], fp_acc, acc,
              facts["calibration_time_s"], output_dir)
     return summary
