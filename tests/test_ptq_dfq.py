@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import qat
+from qat.export.exporter import export
 from qat.models import create_model
 from qat.ptq import pipeline
 from tests.test_datafree_analytic import randomize_bn_
@@ -71,3 +72,9 @@ def test_bad_dfq_input_fails_before_work(tmp_path, monkeypatch, overrides, match
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
     with pytest.raises(ValueError, match=match):
         ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a32", *overrides)
+
+
+def test_dfq_run_exports_equal_to_fake_quant(resnet_run, tmp_path):
+    ptq(tmp_path, f"ckpt={resnet_run}", "quant=w4a4", "ptq=dfq")
+    report = export(tmp_path, "int", check=16)  # qat.export rebuilds the folded model from the recipe
+    assert report["check"]["int"]["top1_agreement"] == 1.0, report["check"]
