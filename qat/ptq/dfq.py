@@ -6,7 +6,8 @@ Both fold BatchNorm into the convs first, which changes the model's structure: t
 from omegaconf import DictConfig
 from torch import nn
 
-from qat.datafree.equalize import absorb_bias_, cross_layer_equalize_, equalizable_links
+from qat.datafree.dfq import fold_equalize_
+from qat.datafree.equalize import equalizable_links
 from qat.datafree.fold import OutputStats, fold_bn_
 
 BIAS_CORRECT = (False, True, "empirical", "bn_stats")
@@ -37,9 +38,5 @@ def fold_and_equalize_(model: nn.Module, ptq: DictConfig) -> dict[str, OutputSta
     """Fold BN, then (ptq.cle) equalize and absorb biases, in place; the BN output statistics, None if no folding."""
     if not folds(ptq):
         return None
-    stats = fold_bn_(model.eval())
-    if ptq.get("cle", False):
-        links = cross_layer_equalize_(model, stats)
-        if stats:
-            absorb_bias_(model, stats, links)
-    return stats
+    cle = bool(ptq.get("cle", False))
+    return fold_equalize_(model, cle=cle, bias_absorb=cle)

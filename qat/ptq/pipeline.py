@@ -15,12 +15,12 @@ from omegaconf import DictConfig
 from qat.callbacks import AtomicCheckpointIO, write_json_atomic
 from qat.builders import as_dict, build, build_quant
 from qat.checkpoint import build_from_recipe
+from qat.datafree.bn_bias import bn_bias_correct_
 from qat.evaluate import score
 from qat.ptq.awq import awq_
 from qat.ptq.bias_correction import bias_correct_
 from qat.ptq.calibrate import calibrate
 from qat.ptq.dfq import check_datafree, fold_and_equalize_, folds
-from qat.datafree.bn_bias import bn_bias_correct_
 from qat.ptq.observers import create_observer
 from qat.ptq.reconstruct import ReconConfig, reconstruct_, units
 from qat.quant import QuantConfig, quantize_
@@ -127,13 +127,10 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     t = time.perf_counter()
     facts["quant_mse"] = calibrate(model, batches, weight_obs, act_obs, int(ptq.max_samples))
     facts["calibration_time_s"] = time.perf_counter() - t
-    if ptq.bias_correct in (True, "empirical"):
+    if ptq.bias_correct:  # true | empirical | bn_stats (checked by check_datafree)
         t = time.perf_counter()
-        facts["bias_correction"] = bias_correct_(model, batches)
-        facts["bias_correction_time_s"] = time.perf_counter() - t
-    if ptq.bias_correct == "bn_stats":
-        t = time.perf_counter()
-        facts["bias_correction"] = bn_bias_correct_(model, stats)
+        bn_stats = ptq.bias_correct == "bn_stats"
+        facts["bias_correction"] = bn_bias_correct_(model, stats) if bn_stats else bias_correct_(model, batches)
         facts["bias_correction_time_s"] = time.perf_counter() - t
     if recon is not None:
         t = time.perf_counter()
