@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cos
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = ["data=cifar10_sample", "data.test_per_class=3", "data.eval_batch_size=64", "ptq.calib_size=32",
-        "ptq.calib_batch_size=16", "ptq.recon_iters=4", "ptq.recon_batch_size=8", "ptq.awq_grid=2",
+        "ptq.calib_batch_size=16", "ptq.recon.iters=4", "ptq.recon.batch_size=8", "ptq.awq_grid=2",
         "ptq.max_samples=4096"]
 
 
@@ -103,8 +103,14 @@ def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
     (["ptq.observer.name=kl"], ValueError, r"ptq.observer='kl' .*\['aciq', 'minmax', 'mse', 'omse', 'percentile'\]"),
     (["quant.weight.bits=1"], ValueError, r"quant.weight.bits=1: PTQ supports 2..8 bits"),
     (["quant.weight.bits=9"], ValueError, r"quant.weight.bits=9: PTQ supports 2..8 bits"),
-    (["quant=w32a8", "ptq.recon=adaround"], ValueError, r"ptq.recon=adaround: vit_2_4_32 has no quantized layer"),
-    (["ptq.recon=brecq"], ValueError, r"ptq.recon='brecq': choose one of \[None, 'adaround'\]"),
+    (["quant=w32a8", "ptq=adaround"], ValueError, r"ptq.recon: vit_2_4_32 has no quantized layer"),
+    (["ptq=brecq", "ptq.recon.rounding=round"], ValueError,
+     r"ptq.recon.rounding='round': choose one of \['nearest', 'adaround'\]"),
+    (["ptq=qdrop", "ptq.recon.learn=[alpha,s_y]"], ValueError, r"ptq.recon.learn=\['alpha', 's_y'\]: unknown \['s_y'\]"),
+    (["ptq=nwq", "ptq.recon.objective=ce", "ptq.recon.granularity=block"], ValueError,
+     r"ptq.recon.objective=ce needs labels .* ptq.recon.granularity=network"),
+    (["ptq=qdrop", "ptq.recon.drop_prob=1.5"], ValueError, r"ptq.recon.drop_prob=1.5: use a probability"),
+    (["ptq=adaround", "ptq.recon.rounding=nearest"], ValueError, r"learn alpha exactly when ptq.recon.rounding"),
     (["quant=fp"], ValueError, r"quant=fp quantizes nothing"),
 ])
 def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, error, match):
