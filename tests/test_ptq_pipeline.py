@@ -51,7 +51,8 @@ def ptq(tmp_path: Path, *overrides: str) -> dict:
 
 METHODS = [("minmax_layer", "w4a32"), ("minmax_channel", "w32a4"), ("mse_layer", "w4a4"), ("mse_channel", "w3a32"),
            ("percentile", "w32a8"), ("aciq_layer", "w4a32"), ("aciq_channel", "w32a8"), ("omse", "w8a32"),
-           ("awq", "w4a32"), ("adaround", "w4a4")]
+           ("awq", "w4a32"), ("adaround", "w4a4"), ("brecq", "w3a32"), ("qdrop", "w4a4"), ("nwq", "w4a4"),
+           ("case2_2", "w4a4"), ("adaqtransform", "w4a4"), ("adaqtransform_nwq", "w2a2")]
 
 
 @pytest.mark.parametrize("method,quant", METHODS)
@@ -112,6 +113,7 @@ def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
     (["ptq=qdrop", "ptq.recon.drop_prob=1.5"], ValueError, r"ptq.recon.drop_prob=1.5: use a probability"),
     (["ptq=adaround", "ptq.recon.rounding=nearest"], ValueError, r"learn alpha exactly when ptq.recon.rounding"),
     (["quant=fp"], ValueError, r"quant=fp quantizes nothing"),
+    (["ptq.recon=adaround"], ValueError, r"ptq.recon='adaround': reconstruction is the ptq.recon.\* group now"),
 ])
 def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, error, match):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
@@ -134,3 +136,16 @@ def test_per_channel_ptq_run_exports_equal_to_fake_quant(fp_run, tmp_path):
     with pytest.raises(ValueError, match="per-channel activation steps: an integer matmul"):
         ptq(tmp_path / "pc", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel")
         export(tmp_path / "pc", "int", check=0)
+
+
+def test_adaqtransform_run_is_an_ordinary_quantized_model_and_exports_equal(fp_run, tmp_path):
+    plain = ptq(tmp_path / "plain", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "ptq.act_granularity=layer",
+                "ptq.bias_correct=true")
+    summary = ptq(tmp_path / "aqt", f"ckpt={fp_run}", "quant=w4a4", "ptq=adaqtransform")
+    assert list(summary["recon"]["learn"]) == ["alpha", "s_x", "xi", "eta"] and summary["quant"]["add_bias"]
+    assert list(summary["recon"]["units"]) == ["classifier.blocks.0", "classifier.blocks.1"]  # default: the blocks
+    shapes = [{k: v.shape for k, v in qat.load_model(tmp_path / run).state_dict().items()} for run in ("plain", "aqt")]
+    assert shapes[0] == shapes[1] and plain["quant"] == summary["quant"]  # xi, eta folded: nothing added
+    report = export(tmp_path / "aqt", "all", check=32)
+    for fmt in ("int", "onnx"):
+        assert report["check"][fmt]["top1_agreement"] == 1.0, report["check"]

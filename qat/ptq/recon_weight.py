@@ -53,8 +53,8 @@ class ReconWeight(nn.Module):
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """The integer codes (soft while training with adaround), clamped to the quantizer's levels."""
         if self.alpha is None:
-            v = (weight - self.shift) / self.s_w
-            return (v.round() if self.hard else _ste(v, torch.round)).clamp(self.qmin, self.qmax)
+            v = ((weight - self.shift) / self.s_w).clamp(self.qmin, self.qmax)  # LSQ: clamp, then round
+            return v.round() if self.hard else _ste(v, torch.round)
         floor = self.floor if self.floor is not None else _ste((weight - self.shift) / self.s_w, torch.floor)
         up = (self.alpha >= 0).to(floor.dtype) if self.hard else self.h()
         return (floor + up).clamp(self.qmin, self.qmax)
