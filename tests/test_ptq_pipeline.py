@@ -1,5 +1,6 @@
 """ptq.py end to end on the bundled sample with a tiny random-weight FP checkpoint; bad input fails before work."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -149,3 +150,13 @@ def test_adaqtransform_run_is_an_ordinary_quantized_model_and_exports_equal(fp_r
     report = export(tmp_path / "aqt", "all", check=32)
     for fmt in ("int", "onnx"):
         assert report["check"][fmt]["top1_agreement"] == 1.0, report["check"]
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "quant").glob("w*a*.yaml")))
+def test_seed_bit_names_compose_to_their_bits(name):
+    w, a = (int(b) for b in re.fullmatch(r"w(\d+)a(\d+)", name).groups())
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        quant = compose("ptq", overrides=[f"quant={name}", "ckpt=x"]).quant
+    assert (None if quant.weight is None else quant.weight.bits) == (None if w == 32 else w)
+    assert (None if quant.act is None else quant.act.bits) == (None if a == 32 else a)

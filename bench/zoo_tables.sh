@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# PTQ tables on a zoo model, one ptq.py run per cell, resumable (a cell with a finished summary.json is skipped).
+#   bash bench/zoo_tables.sh [zoo name] [table ...]     tables: recon weights acts dfq   (default: all four)
+#   python -m bench.ptq_bench --collect outputs/tables/<zoo name>/<table>
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ZOO=${1:-resnet20_short}
+shift || true
+TABLES=${*:-recon weights acts dfq}
+DATA=${DATA:-data.root=data/cifar10/cifar10-jpg}
+RECON_ITERS=${RECON_ITERS:-200}       # per block; network-wise presets get 4x (one unit instead of 11)
+
+cell() {  # table quant ptq [overrides...]
+  local table=$1 quant=$2 ptq=$3; shift 3
+  local dir="outputs/tables/$ZOO/$table/$quant-$ptq${*:+-$(echo "$*" | tr ' =/' '_:-')}"
+  if grep -qs '"finished": true' "$dir/summary.json"; then return; fi
+  echo "== $dir"
+  python ptq.py "ckpt=zoo:$ZOO" "$DATA" "quant=$quant" "ptq=$ptq" "hydra.run.dir=$dir" "$@"
+}
+
+for table in $TABLES; do
+  case $table in
+    recon)  # seed 003's presets at W4A4 and W2A4 from the same mse_channel start
+      for q in w4a4 w2a4; do
+        cell recon "$q" mse_channel ptq.act_granularity=layer
+        for p in adaround brecq qdrop adaqtransform; do cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS"; done
+        for p in nwq case2_2 adaqtransform_nwq; do cell recon "$q" "$p" ptq.recon.iters=$((4 * RECON_ITERS)); done
+      done ;;
+    weights)
+      for q in w8a32 w6a32 w4a32 w3a32 w2a32; do
+        for p in minmax_layer minmax_channel mse_channel awq; do cell weights "$q" "$p"; done
+        cell weights "$q" mse_channel ptq.bias_correct=true
+      done ;;
+    acts)
+      for q in w32a8 w32a6 w32a4 w32a3 w32a2; do
+        for p in minmax_layer mse_layer percentile aciq_layer omse minmax_channel; do cell acts "$q" "$p"; done
+      done ;;
+    dfq)  # seed 001: DFQ without data vs plain min/max per layer
+      for q in w8a8 w6a8 w4a8; do
+        cell dfq "$q" minmax_layer
+        cell dfq "$q" dfq
+      done ;;
+    *) echo "unknown table $table: choose from recon weights acts dfq" >&2; exit 2 ;;
+  esac
+done
