@@ -159,3 +159,16 @@ def test_eta_on_a_layer_without_bias_says_how_to_get_one():
     calibrate(model, [torch.randn(8, 4)], create_observer("minmax"))
     with pytest.raises(ValueError, match=r"eta, which folds into the bias, but the layer has none: .*add_bias=True"):
         attach_(model[0], "adaround", ("alpha", "eta"))
+
+
+def test_weight_mse_needs_no_data_and_lowers_the_weight_error():
+    torch.manual_seed(0)
+    model = quantize_(nn.Sequential(nn.Linear(64, 32)), QuantConfig(weight={"bits": 3}))
+    calibrate(model, [], create_observer("minmax"))  # min/max: far from the L2-best step at 3 bits
+    layer = model[0]
+    w0 = layer.weight.detach().clone()
+    error = lambda: float((layer.weight_quantizer(layer.weight) - w0).square().sum())  # noqa: E731
+    before = error()
+    reconstruct_(model, [], ReconConfig(rounding="nearest", learn=("s_w",), objective="weight_mse", granularity="layer",
+                                        iters=200, step_lr=1e-3))
+    assert error() < 0.8 * before

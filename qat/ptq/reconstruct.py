@@ -169,7 +169,7 @@ def unit_loss(unit: nn.Module, layers: list, x, y, cfg: ReconConfig) -> torch.Te
     return (unit(x) - y).square().flatten(1).sum(1).mean()
 
 
-def fit_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: ReconConfig) -> dict:
+def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor | None, cfg: ReconConfig) -> dict:
     """Fit the unit's learnt set on (inputs, targets), then fold it (`fold_`): an ordinary quantized unit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
@@ -183,8 +183,11 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: 
     device = next(unit.parameters()).device
     with dropping(acts, cfg.drop_prob, cfg.seed):
         for it in range(cfg.iters):
-            idx = torch.randint(len(inputs), (min(cfg.batch_size, len(inputs)),), generator=gen)
-            rec = unit_loss(unit, layers, inputs[idx].to(device).float(), targets[idx].to(device), cfg)
+            x = y = None
+            if inputs is not None:  # weight_mse needs no data
+                idx = torch.randint(len(inputs), (min(cfg.batch_size, len(inputs)),), generator=gen)
+                x, y = inputs[idx].to(device).float(), targets[idx].to(device)
+            rec = unit_loss(unit, layers, x, y, cfg)
             beta = schedule(it) if "alpha" in cfg.learn else None
             reg = sum(regularizer(w.alpha, beta) for w in weights) if beta is not None else rec.new_zeros(())
             opt.zero_grad(set_to_none=True)
@@ -203,9 +206,10 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: 
 
 
 def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig):
-    """(inputs, targets) of a unit: quantized-model inputs and FP outputs (or labels, objective ce)."""
+    """(inputs, targets) of a unit: quantized-model inputs and FP outputs (or labels, objective ce); None for
+    weight_mse."""
     if cfg.objective == "weight_mse":
-        return torch.zeros(1), torch.zeros(1)
+        return None, None
     if cfg.objective == "ce":
         if not all(isinstance(b, (tuple, list)) for b in batches):
             raise ValueError("ptq.recon.objective=ce needs labelled calibration batches ((images, labels) pairs)")
