@@ -25,11 +25,14 @@ class QuantizerConfig:
     per_channel: bool = False  # weights: one step per output channel; layer inputs: one per input channel
     learnable_offset: bool = False  # LSQ+ learnable offset
     init: str = "lsq"  # 'lsq' 2*mean|x|/sqrt(Qp) | 'minmax' | 'mse'
+    eps: float = 1e-5  # floor of the step (forward, calibration and clamp_steps_)
 
     def __post_init__(self):
         _check_bits(self.bits)
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not supported; choose one of {list(INITS)}")
+        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
+            raise ValueError(f"eps={self.eps!r} is not supported: the step floor must be a number > 0, e.g. 1e-5")
 
 
 @dataclass
@@ -48,6 +51,15 @@ class AttnQuantConfig:
         if probs_signed:
             raise ValueError("probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
                              "(softmax levels {-1, 0, 1}); null = auto ({0, 1, 2})")
+
+
+def _check_head_stem(bits, weight, act) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"quant.head_stem_bits={bits!r} is not supported: use an integer in 2..8 (8 in seed 004) "
+                         "or null")
+    if weight is None and act is None:
+        raise ValueError(f"quant.head_stem_bits={bits} quantizes the stem and head like the other layers: set "
+                         "quant.weight and/or quant.act, or quant.head_stem_bits=null")
 
 
 def _nested(cls, value, where: str):
@@ -115,6 +127,9 @@ class QuantConfig:
     unsigned: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: false}
     signed: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: true}
     add_bias: bool = False  # give quantized layers without a bias a zero one (PTQ bias correction folds into it)
+    # stem (Linear/Conv2d layers before the first selected one, module order) and head (after the last one)
+    # are quantized too, with the weight / act settings at this many bits (seed 004: 8); None = left FP
+    head_stem_bits: int | None = None
 
     def __post_init__(self, unsigned, signed):
         for old, value in (("unsigned", unsigned), ("signed", signed)):
@@ -128,6 +143,8 @@ class QuantConfig:
             self.modules = _patterns(self.modules, "quant.modules")
         self.exclude = _patterns(self.exclude, "quant.exclude")
         self.signed_overrides = _overrides(self.signed_overrides)
+        if self.head_stem_bits is not None:
+            _check_head_stem(self.head_stem_bits, self.weight, self.act)
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

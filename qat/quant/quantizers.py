@@ -59,7 +59,7 @@ class LSQQuantizer(nn.Module):
     def from_config(cls, cfg, signed: bool, **shape) -> "LSQQuantizer":
         """From a QuantizerConfig; `signed` is resolved by the caller, `shape` = channels / ch_axis_ndim / ch_axis."""
         return cls(cfg.bits, signed=signed, symmetric=cfg.symmetric, per_channel=cfg.per_channel,
-                   learnable_offset=cfg.learnable_offset, init=cfg.init, **shape)
+                   learnable_offset=cfg.learnable_offset, init=cfg.init, eps=cfg.eps, **shape)
 
     @property
     def is_initialized(self) -> bool:
