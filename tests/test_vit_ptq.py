@@ -2,10 +2,16 @@
 import pytest
 import torch
 
+import qat
+from qat.ptq import pipeline
+
 from qat.builders import build_quant
 from qat.models import create_model
-from qat.quant import QuantConfig, QuantLayerMixin, quantize_
+from qat.ptq.calibrate import calibrate
+from qat.ptq.observers import create_observer
+from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLayerMixin, quantize_, quantizers
 from tests.conftest import compose_config
+from tests.test_ptq_pipeline import _sample_test, fp_run, ptq  # noqa: F401 (fp_run is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
 
@@ -67,3 +73,45 @@ def test_head_stem_bits_is_a_qat_key(tmp_path):
     cfg = compose_config(["model=vit_2_4_32", "quant=w4a4", "quant.head_stem_bits=8"], tmp_path)
     model = quantize_(create_model("vit_2_4_32"), build_quant(cfg.quant))
     assert levels(model)["classifier.fc"] == ((-127, 127), (-127, 127))
+
+
+def test_eps_floors_every_step_after_calibration_on_zeros():
+    config = QuantConfig(weight={"bits": 4, "eps": 1e-4}, act={"bits": 4, "eps": 1e-4})
+    model = quantize_(create_model("vit_2_4_32"), config)
+    for p in model.parameters():
+        p.data.zero_()
+    calibrate(model, [torch.zeros(2, 3, 32, 32)], create_observer("minmax"))
+    steps = {n: q.step.detach() for n, q in quantizers(model)}
+    assert len(steps) == 16 and all(q.eps == 1e-4 for _, q in quantizers(model))
+    assert all(torch.equal(s, torch.full_like(s, 1e-4)) for s in steps.values())
+
+
+def test_eps_default_is_unchanged():
+    assert QuantizerConfig(bits=4).eps == 1e-5 == LSQQuantizer(4).eps
+    with pytest.raises(ValueError, match=r"eps=0 is not supported: the step floor must be a number > 0"):
+        QuantizerConfig(bits=4, eps=0)
+
+
+def test_ptq_run_with_head_stem_eps_and_no_fp_evaluation(fp_run, tmp_path, monkeypatch):
+    calls = []
+    evaluate = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a: calls.append(1) or evaluate(*a))
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "ptq.head_stem_8bit=true",
+                  "ptq.eps=1e-4", "ptq.test_before_calibration=false")
+    assert summary["fp_acc"] is None and len(calls) == 1
+    assert summary["quant"]["head_stem_bits"] == 8 and summary["quant"]["act"]["eps"] == 1e-4
+    model = qat.load_model(tmp_path)
+    assert levels(model)["classifier.fc"] == levels(model)["tokenizer.conv_layers.0.0"] == ((-127, 127), (-127, 127))
+    assert {q.eps for _, q in quantizers(model)} == {1e-4}
+    assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])
+
+
+@pytest.mark.parametrize("override,match", [
+    ("ptq.eps=0", r"ptq.eps=0: the step floor must be a number > 0"),
+    ("ptq.head_stem_8bit=8", r"ptq.head_stem_8bit=8: choose true"),
+    ("ptq.test_before_calibration=maybe", r"ptq.test_before_calibration='maybe': choose true"),
+])
+def test_bad_seed004_keys_fail_before_work(fp_run, tmp_path, monkeypatch, override, match):
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
+    with pytest.raises(ValueError, match=match):
+        ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", override)
