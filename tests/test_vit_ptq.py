@@ -7,9 +7,11 @@ from qat.ptq import pipeline
 
 from qat.builders import build_quant
 from qat.models import create_model
-from qat.ptq.calibrate import calibrate
+from qat.ptq.calibrate import calibrate, observe_, rows_of
+from qat.ptq.observers import Stats
 from qat.ptq.observers import create_observer
 from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLayerMixin, quantize_, quantizers
+from qat.quant.groups import GroupQuantizer, assign_by_range, post_norm_linears
 from tests.conftest import compose_config
 from tests.test_ptq_pipeline import _sample_test, fp_run, ptq  # noqa: F401 (fp_run is a fixture)
 
@@ -115,3 +117,109 @@ def test_bad_seed004_keys_fail_before_work(fp_run, tmp_path, monkeypatch, overri
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
     with pytest.raises(ValueError, match=match):
         ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", override)
+
+
+def fixed_stats(x: torch.Tensor, q) -> Stats:
+    return Stats.of(rows_of(x, q))
+
+
+def tokens(seed=0, channels=8) -> torch.Tensor:
+    """(4, 16, C) tokens whose channel c has scale c + 1."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(4, 16, channels, generator=gen) * torch.arange(1, channels + 1)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_groups_equal_to_channels_is_per_channel_fake_quant(observer):
+    x = tokens()
+    group, channel = GroupQuantizer(4, 8, 8), LSQQuantizer(4, per_channel=True, channels=8, ch_axis=-1)
+    for q in (group, channel):
+        observe_(q, fixed_stats(x, q), create_observer(observer))
+    assert torch.equal(group.step[group.assignment], channel.step)
+    assert torch.equal(group.eval()(x), channel.eval()(x))
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+def test_one_group_is_per_tensor_fake_quant(observer):
+    x = tokens()
+    group, tensor = GroupQuantizer(4, 8, 1), LSQQuantizer(4)
+    for q in (group, tensor):
+        observe_(q, fixed_stats(x, q), create_observer(observer))
+    assert torch.equal(group.step, tensor.step) and torch.equal(group.eval()(x), tensor.eval()(x))
+
+
+def test_assignment_groups_channels_by_range():
+    x = torch.randn(2, 5, 8).clamp(-1, 1)
+    x[0, 0] = torch.tensor([5.0, 1, 7, 3, 8, 2, 6, 4])  # max|x| of channel c; the rest is inside [-1, 1]
+    expected = torch.tensor([2, 0, 3, 1, 3, 0, 2, 1])  # ranks 1..8 in pairs
+    calibrated = GroupQuantizer(4, 8, 4)
+    observe_(calibrated, fixed_stats(x, calibrated), create_observer("minmax"))
+    assert torch.equal(calibrated.assignment, expected)
+    assert torch.allclose(calibrated.step, torch.tensor([2.0, 4, 6, 8]) / 7)
+    initialized = GroupQuantizer(4, 8, 4, init="minmax").train()
+    initialized(x)  # QAT: the first train-mode batch sets assignment and steps
+    assert torch.equal(initialized.assignment, expected) and torch.allclose(initialized.step, calibrated.step)
+    assert torch.equal(assign_by_range(torch.tensor([3.0, 1, 2]), 2), torch.tensor([1, 0, 0]))
+
+
+def test_dynamic_assignment_picks_the_closest_step_per_instance():
+    q = GroupQuantizer(4, 4, 2, dynamic=True)
+    observe_(q, Stats.of(torch.tensor([[0.7, -0.7], [7.0, -7.0], [0.7, -0.7], [7.0, -7.0]])), create_observer("minmax"))
+    assert torch.equal(q.assignment, torch.tensor([0, 1, 0, 1])) and torch.allclose(q.step, torch.tensor([0.1, 1.0]))
+    x = torch.tensor([[[0.7, 7.0, 0.3, -5.0]], [[-6.0, 0.2, 4.9, 0.5]]])  # (B=2, N=1, C=4)
+    # needed steps range / 7: 0.1, 1, 0.04, 0.71 | 0.86, 0.03, 0.7, 0.07 -> closest of (0.1, 1.0)
+    assert torch.equal(q.instance_assignment(x).flatten(1), torch.tensor([[0, 1, 0, 1], [1, 0, 1, 0]]))
+    steps = q.step.detach()[torch.tensor([[[0, 1, 0, 1]], [[1, 0, 1, 0]]])]
+    assert torch.equal(q.eval()(x), (x / steps).round().clamp(-7, 7) * steps)
+    q.dynamic = False
+    static = q.step.detach()[q.assignment]
+    assert torch.equal(q(x), (x / static).round().clamp(-7, 7) * static)
+
+
+@pytest.mark.parametrize("name", ["vit_2_4_32", "cct_2_3x2_32", "vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_groups_sit_on_the_post_layernorm_inputs(name):
+    model = create_model(name, **TIMM_TINY.get(name, {}))
+    expected = {"vit_2_4_32": ["classifier.blocks.0.self_attn.qkv", "classifier.blocks.0.linear1",
+                               "classifier.blocks.1.self_attn.qkv", "classifier.blocks.1.linear1"],
+                "vit_tiny_patch16_224": ["model.blocks.0.attn.qkv", "model.blocks.0.mlp.fc1", "model.blocks.1.attn.qkv",
+                                         "model.blocks.1.mlp.fc1"],
+                "swin_tiny_patch4_window7_224": [f"model.layers.{i}.blocks.{j}.{layer}" for i in (0, 1) for j in (0, 1)
+                                                 for layer in ("attn.qkv", "mlp.fc1")]
+                + ["model.layers.1.downsample.reduction"]}
+    expected["cct_2_3x2_32"] = expected["vit_2_4_32"]
+    assert sorted(post_norm_linears(model)) == sorted(expected[name])
+    quantize_(model, QuantConfig(**W4A4, n_groups=4, head_stem_bits=8))
+    grouped = {n.rpartition(".")[0] for n, q in quantizers(model) if isinstance(q, GroupQuantizer)}
+    assert grouped == set(expected[name])
+    assert all(q.step.shape == (4,) for n, q in quantizers(model) if isinstance(q, GroupQuantizer))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"model": "resnet20", "n_groups": 2}, r"quant.n_groups=2: CifarResNet has no selected Linear layer that reads"),
+    ({"model": "vit_2_4_32", "n_groups": 129}, r"quant.n_groups=129: use an integer in 1..128"),
+    ({"model": "vit_2_4_32", "n_groups": 0}, r"quant.n_groups=0 is not supported: use an integer >= 1"),
+    ({"model": "vit_2_4_32", "dynamic_groups": True}, r"quant.dynamic_groups=true .* set quant.n_groups"),
+])
+def test_group_config_errors(kwargs, match):
+    model = create_model(kwargs.pop("model"))
+    with pytest.raises(ValueError, match=match):
+        quantize_(model, QuantConfig(**W4A4, **kwargs))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ptq_run_with_groups_saves_a_checkpoint_that_loads_with_the_same_logits(fp_run, tmp_path, monkeypatch,
+                                                                               dynamic):
+    saved = {}
+    save_run = pipeline.save_run
+    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_layer", "ptq.n_groups=2",
+                  f"ptq.dynamic_groups={str(dynamic).lower()}")
+    assert summary["quant"]["n_groups"] == 2 and summary["quant"]["dynamic_groups"] is dynamic
+    model = qat.load_model(tmp_path)
+    groups = [q for _, q in quantizers(model) if isinstance(q, GroupQuantizer)]
+    assert len(groups) == 4 and all(q.dynamic is dynamic and q.step.shape == (2,) for q in groups)
+    assert sorted(set(groups[0].assignment.tolist())) == [0, 1] and bool(groups[0].initialized)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), saved["model"].eval()(x))
+    assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])

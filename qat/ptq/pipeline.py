@@ -79,7 +79,8 @@ def seed004_keys(ptq: DictConfig) -> dict:
     head_stem = ptq.get("head_stem_8bit", False)
     if not isinstance(head_stem, bool):
         raise ValueError(f"ptq.head_stem_8bit={head_stem!r}: choose true (stem and head at 8 bits) or false")
-    return {"head_stem_bits": 8 if head_stem else None}
+    return {"head_stem_bits": 8 if head_stem else None, "n_groups": ptq.get("n_groups"),
+            "dynamic_groups": ptq.get("dynamic_groups", False)}
 
 
 def recon_config(ptq: DictConfig) -> ReconConfig | None:

@@ -62,6 +62,17 @@ def _check_head_stem(bits, weight, act) -> None:
                          "quant.weight and/or quant.act, or quant.head_stem_bits=null")
 
 
+def _check_groups(groups, dynamic, act) -> None:
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise ValueError(f"quant.n_groups={groups!r} is not supported: use an integer >= 1 (seed 004: 8) or null")
+    if groups is not None and act is None:
+        raise ValueError(f"quant.n_groups={groups} groups input channels: set quant.act (e.g. quant=w4a4) or "
+                         "quant.n_groups=null")
+    if dynamic and groups is None:
+        raise ValueError("quant.dynamic_groups=true assigns channels to groups at run time: set quant.n_groups "
+                         "(e.g. 8) or quant.dynamic_groups=false")
+
+
 def _nested(cls, value, where: str):
     """`value` as a `cls` instance: dicts (e.g. from OmegaConf.to_container) are converted and checked."""
     if value is None or isinstance(value, cls):
@@ -130,6 +141,10 @@ class QuantConfig:
     # stem (Linear/Conv2d layers before the first selected one, module order) and head (after the last one)
     # are quantized too, with the weight / act settings at this many bits (seed 004: 8); None = left FP
     head_stem_bits: int | None = None
+    # G >= 1: the inputs of the selected Linear layers that read a LayerNorm output (qat.quant.groups) get G steps
+    # and a channel -> group assignment chosen from per-channel ranges; None = act's own granularity
+    n_groups: int | None = None
+    dynamic_groups: bool = False  # channels pick their group per input instance at run time (IGQ-ViT)
 
     def __post_init__(self, unsigned, signed):
         for old, value in (("unsigned", unsigned), ("signed", signed)):
@@ -145,6 +160,7 @@ class QuantConfig:
         self.signed_overrides = _overrides(self.signed_overrides)
         if self.head_stem_bits is not None:
             _check_head_stem(self.head_stem_bits, self.weight, self.act)
+        _check_groups(self.n_groups, self.dynamic_groups, self.act)
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

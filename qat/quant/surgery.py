@@ -9,6 +9,7 @@ from torch import nn
 
 from qat.models.quant_point import QuantPoint
 from qat.quant.config import QuantConfig
+from qat.quant.groups import GroupQuantizer, post_norm_linears
 from qat.quant.layers import QuantConv2d, QuantLinear
 from qat.quant.quantizers import LSQQuantizer, quantizers
 
@@ -103,20 +104,42 @@ def _quantize_layers(model: nn.Module, config: QuantConfig, layers: dict[str, nn
     bits = {name: None for name in layers if _matches(name, patterns)}
     bits.update(dict.fromkeys(head_stem(list(layers), list(bits)), config.head_stem_bits)
                 if config.head_stem_bits is not None else {})
-    non_negative = getattr(model, "non_negative_inputs", [])
+    grouped = _grouped(model, config, [n for n in bits if bits[n] is None])
     quantized = []
     for name, mod in layers.items():
         if (name not in bits or _matches(name, config.exclude)
                 or (filter_fn is not None and not filter_fn(mod, name))):
             continue
-        cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
         if config.add_bias and mod.bias is None:  # PTQ bias correction folds into it; the recipe rebuilds it
             mod.bias = nn.Parameter(mod.weight.new_zeros(mod.weight.shape[0]))
-        weight, act = (_at_bits(c, bits[name]) for c in (config.weight, config.act))
-        signed = act is None or _signed(config, name, act.signed, _matches(name, non_negative))
-        _replace(model, name, cls.from_float(mod, weight, act, signed, config.learnable_bias))
+        _replace(model, name, _quant_layer(model, config, name, mod, bits[name], name in grouped))
         quantized.append(name)
     return quantized
+
+
+def _quant_layer(model: nn.Module, config: QuantConfig, name: str, mod: nn.Module, bits: int | None,
+                 grouped: bool) -> nn.Module:
+    """The QuantLinear / QuantConv2d of `mod` (at `bits`, None: the config's), with a GroupQuantizer input
+    when `grouped`."""
+    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+    weight, act = (_at_bits(c, bits) for c in (config.weight, config.act))
+    signed = act is None or _signed(config, name, act.signed, _matches(name, getattr(model, "non_negative_inputs", [])))
+    new = cls.from_float(mod, weight, act, signed, config.learnable_bias)
+    if grouped:
+        new.act_quantizer = GroupQuantizer.from_config(act, signed, mod.in_features, config.n_groups,
+                                                       config.dynamic_groups).to(mod.weight.device)
+    return new
+
+
+def _grouped(model: nn.Module, config: QuantConfig, selected: list[str]) -> set[str]:
+    """The selected layers whose inputs get group quantizers (quant.n_groups): those after a LayerNorm."""
+    if config.n_groups is None:
+        return set()
+    found = set(post_norm_linears(model)) & set(selected)
+    if not found:
+        raise ValueError(f"quant.n_groups={config.n_groups}: {type(model).__name__} has no selected Linear layer "
+                         "that reads a LayerNorm output (qat.quant.groups.NORM_PAIRS); set quant.n_groups=null")
+    return found
 
 
 def head_stem(names: list[str], selected: list[str]) -> list[str]:
