@@ -1,15 +1,17 @@
 """Seed 004's ViT PTQ settings: head/stem at 8 bits, the step floor eps, FP-first evaluation, group-wise inputs."""
+import json
+
 import pytest
 import torch
 
 import qat
-from qat.ptq import pipeline
-
+from bench import groups_bench
 from qat.builders import build_quant
+from qat.export.exporter import export
 from qat.models import create_model
+from qat.ptq import pipeline
 from qat.ptq.calibrate import calibrate, observe_, rows_of
-from qat.ptq.observers import Stats
-from qat.ptq.observers import create_observer
+from qat.ptq.observers import Stats, create_observer
 from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLayerMixin, quantize_, quantizers
 from qat.quant.groups import GroupQuantizer, assign_by_range, post_norm_linears
 from tests.conftest import compose_config
@@ -223,3 +225,32 @@ def test_ptq_run_with_groups_saves_a_checkpoint_that_loads_with_the_same_logits(
     with torch.no_grad():
         assert torch.equal(model(x), saved["model"].eval()(x))
     assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])
+
+
+def test_groups_bench_small(tmp_path):
+    result = groups_bench.main(["--small", "--threads", "1", "--out", str(tmp_path)])
+    rows = {r["config"]: r for r in result["rows"]}
+    assert list(rows) == ["per-tensor", "static groups", "dynamic groups"]
+    assert [r["groups"] for r in rows.values()] == [0, 4, 4] and rows["per-tensor"]["ratio"]["all"] == [1.0, 1.0]
+    assert all(len(r["ratio"]["all"]) == 2 for r in rows.values())
+    assert (tmp_path / "groups_bench.md").read_text().startswith("Machine: ")
+    assert json.loads((tmp_path / "groups_bench.json").read_text())["model"] == "vit_2_4_32"
+
+
+def test_vit_ptq_preset_is_seed_004(fp_run, tmp_path):
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=vit_ptq")
+    method, quant = summary["method"], summary["quant"]
+    assert method["observer"] == {"name": "mse", "p": 2.0} and summary["fp_acc"] is not None
+    assert quant["weight"]["per_channel"] and not quant["act"]["per_channel"]
+    assert (quant["head_stem_bits"], quant["n_groups"], quant["dynamic_groups"]) == (8, 8, False)
+    assert quant["weight"]["eps"] == quant["act"]["eps"] == 1e-4
+    model = qat.load_model(tmp_path)
+    groups = {n for n, q in quantizers(model) if isinstance(q, GroupQuantizer)}
+    assert len(groups) == 4 and all(q.step.shape == (8,) for n, q in quantizers(model) if n in groups)
+    assert levels(model)["classifier.fc"] == ((-127, 127), (-127, 127))
+
+
+def test_group_inputs_are_refused_by_the_integer_export(fp_run, tmp_path):
+    ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=minmax_layer", "ptq.n_groups=2")
+    with pytest.raises(ValueError, match="classifier.blocks.0.self_attn.qkv .* has per-channel activation steps"):
+        export(tmp_path, "int", check=0)
