@@ -12,7 +12,7 @@ from qat.models import create_model
 from qat.ptq import pipeline
 from qat.ptq.calibrate import calibrate, observe_, rows_of
 from qat.ptq.observers import Stats, create_observer
-from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLayerMixin, quantize_, quantizers
+from qat.quant import LSQQuantizer, QuantConfig, QuantizerConfig, QuantLayerMixin, calibrate_, quantize_, quantizers
 from qat.quant.groups import GroupQuantizer, assign_by_range, post_norm_linears
 from tests.conftest import compose_config
 from tests.test_ptq_pipeline import _sample_test, fp_run, ptq  # noqa: F401 (fp_run is a fixture)
@@ -254,3 +254,18 @@ def test_group_inputs_are_refused_by_the_integer_export(fp_run, tmp_path):
     ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=minmax_layer", "ptq.n_groups=2")
     with pytest.raises(ValueError, match="classifier.blocks.0.self_attn.qkv .* has per-channel activation steps"):
         export(tmp_path, "int", check=0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_groups_train_in_qat(tmp_path, dynamic):
+    cfg = compose_config(["model=vit_2_4_32", "quant=w4a4", "quant.n_groups=4",
+                          f"quant.dynamic_groups={str(dynamic).lower()}"], tmp_path)
+    torch.manual_seed(0)
+    model = quantize_(create_model("vit_2_4_32"), build_quant(cfg.quant))
+    assert calibrate_(model, [torch.randn(8, 3, 32, 32)])  # QAT init: the first train-mode batch
+    q = model.classifier.blocks[0].linear1.act_quantizer
+    assert isinstance(q, GroupQuantizer) and q.dynamic is dynamic
+    assert sorted(q.assignment.bincount().tolist()) == [32] * 4
+    model(torch.randn(2, 3, 32, 32)).square().sum().backward()
+    assert q.step.grad.shape == (4,) and bool(q.step.grad.isfinite().all())
+    assert dynamic or bool((q.step.grad != 0).all())  # static: every group holds channels
