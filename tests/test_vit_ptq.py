@@ -269,3 +269,42 @@ def test_groups_train_in_qat(tmp_path, dynamic):
     model(torch.randn(2, 3, 32, 32)).square().sum().backward()
     assert q.step.grad.shape == (4,) and bool(q.step.grad.isfinite().all())
     assert dynamic or bool((q.step.grad != 0).all())  # static: every group holds channels
+
+
+def test_head_groups_equal_to_heads_are_per_head_fake_quant():
+    probs = torch.randn(2, 4, 5, 5, generator=torch.Generator().manual_seed(0)).mul(torch.arange(1.0, 5)[:, None, None])
+    probs = probs.softmax(-1)
+    group = GroupQuantizer(4, 4, 4, signed=False, ch_axis=-3)
+    head = LSQQuantizer(4, signed=False, per_channel=True, channels=4, ch_axis=-3)
+    for q in (group, head):
+        observe_(q, fixed_stats(probs, q), create_observer("mse"))
+    assert torch.equal(group.step[group.assignment], head.step.flatten())
+    assert torch.equal(group.eval()(probs), head.eval()(probs))
+    group.dynamic = True
+    assert group.instance_assignment(probs).shape == (2, 4) and group(probs).shape == probs.shape
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_ptq_run_with_attention_and_head_groups_loads_with_the_same_logits(fp_run, tmp_path, monkeypatch, dynamic):
+    saved = {}
+    save_run = pipeline.save_run
+    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=act4b_attn", "ptq=vit_ptq", "ptq.n_groups=4",
+                  f"ptq.dynamic_groups={str(dynamic).lower()}")
+    assert summary["quant"]["attn"]["eps"] == 1e-4 and summary["quant_mse"]
+    model = qat.load_model(tmp_path)
+    probs = model.classifier.blocks[1].self_attn.attn_quant
+    assert isinstance(probs, GroupQuantizer) and probs.step.shape == (2,) and probs.assignment.shape == (2,)
+    assert (probs.qmin, probs.qmax, probs.dynamic, bool(probs.initialized)) == (0, 14, dynamic, True)
+    assert model.classifier.blocks[1].self_attn.q_quant.step.shape == (1,)
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), saved["model"].eval()(x))
+
+
+def test_ptq_attention_without_groups_and_bad_attention_bits(fp_run, tmp_path):
+    ptq(tmp_path / "a", f"ckpt={fp_run}", "quant=act4b_attn")
+    model = qat.load_model(tmp_path / "a")
+    assert sum(type(q) is LSQQuantizer and q.name.endswith("attn_quant") for _, q in quantizers(model)) == 2
+    with pytest.raises(ValueError, match=r"quant.attn.bits=1: PTQ supports 2..8 bits"):
+        ptq(tmp_path / "b", f"ckpt={fp_run}", "quant=act4b_attn", "quant.attn.bits=1")

@@ -64,13 +64,16 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
             if quant[key]["bits"] not in PTQ_BITS:
                 raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                                  f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
+    if quant.get("attn") is not None:
+        quant["attn"]["eps"] = float(eps)
+        if quant["attn"]["bits"] not in PTQ_BITS:
+            raise ValueError(f"quant.attn.bits={quant['attn']['bits']}: PTQ supports {PTQ_BITS.start}.."
+                             f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
     quant.update(seed004_keys(cfg.ptq))
     quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq)
     config = build_quant(quant)
     if config is None:
         raise ValueError("quant=fp quantizes nothing: choose a bit width, e.g. quant=w4a32 or quant=w32a8")
-    if config.attn is not None:
-        raise ValueError("quant.attn is not supported by ptq.py yet: use quant=wXa32 / w32aX / wXaY")
     return config
 
 

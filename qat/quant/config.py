@@ -12,6 +12,11 @@ def _check_bits(bits) -> None:
         raise ValueError(f"bits={bits!r} is not supported: use an integer in 1..8")
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps={eps!r} is not supported: the step floor must be a number > 0, e.g. 1e-5")
+
+
 @dataclass
 class QuantizerConfig:
     """One LSQ quantizer.
@@ -31,8 +36,7 @@ class QuantizerConfig:
         _check_bits(self.bits)
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not supported; choose one of {list(INITS)}")
-        if isinstance(self.eps, bool) or not isinstance(self.eps, (int, float)) or not self.eps > 0:
-            raise ValueError(f"eps={self.eps!r} is not supported: the step floor must be a number > 0, e.g. 1e-5")
+        _check_eps(self.eps)
 
 
 @dataclass
@@ -45,9 +49,11 @@ class AttnQuantConfig:
     # True = all signed (softmax {-1, 0, 1}: the log's first 'attn q' runs)
     signed: bool | None = None
     probs_signed: InitVar[bool | None] = None  # removed: quant.attn.signed
+    eps: float = 1e-5  # floor of the steps
 
     def __post_init__(self, probs_signed):
         _check_bits(self.bits)
+        _check_eps(self.eps)
         if probs_signed:
             raise ValueError("probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
                              "(softmax levels {-1, 0, 1}); null = auto ({0, 1, 2})")
@@ -62,10 +68,10 @@ def _check_head_stem(bits, weight, act) -> None:
                          "quant.weight and/or quant.act, or quant.head_stem_bits=null")
 
 
-def _check_groups(groups, dynamic, act) -> None:
+def _check_groups(groups, dynamic, act, attn) -> None:
     if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
         raise ValueError(f"quant.n_groups={groups!r} is not supported: use an integer >= 1 (seed 004: 8) or null")
-    if groups is not None and act is None:
+    if groups is not None and act is None and attn is None:
         raise ValueError(f"quant.n_groups={groups} groups input channels: set quant.act (e.g. quant=w4a4) or "
                          "quant.n_groups=null")
     if dynamic and groups is None:
@@ -142,7 +148,8 @@ class QuantConfig:
     # are quantized too, with the weight / act settings at this many bits (seed 004: 8); None = left FP
     head_stem_bits: int | None = None
     # G >= 1: the inputs of the selected Linear layers that read a LayerNorm output (qat.quant.groups) get G steps
-    # and a channel -> group assignment chosen from per-channel ranges; None = act's own granularity
+    # and a channel -> group assignment chosen from per-channel ranges, and with attn the softmax outputs
+    # min(G, heads) steps over their heads; None = act's / attn's own granularity
     n_groups: int | None = None
     dynamic_groups: bool = False  # channels pick their group per input instance at run time (IGQ-ViT)
 
@@ -160,7 +167,7 @@ class QuantConfig:
         self.signed_overrides = _overrides(self.signed_overrides)
         if self.head_stem_bits is not None:
             _check_head_stem(self.head_stem_bits, self.weight, self.act)
-        _check_groups(self.n_groups, self.dynamic_groups, self.act)
+        _check_groups(self.n_groups, self.dynamic_groups, self.act, self.attn)
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

@@ -1,4 +1,5 @@
-"""Group-wise input quantization (IGQ-ViT style): the C channels of a post-LayerNorm input share G steps.
+"""Group-wise activation quantization (IGQ-ViT style): the C channels of a post-LayerNorm input (or the heads of
+the softmax output of an attention, quant.attn) share G steps.
 
 Which inputs (`post_norm_linears`), one structural rule for our ViT-Lite / CCT and timm's ViT, DeiT and Swin:
 in any module with a LayerNorm child `n` and a sibling `c` for a pair (n, c) of NORM_PAIRS, the first Linear of
@@ -38,7 +39,8 @@ def assign_by_range(absmax: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 class GroupQuantizer(LSQQuantizer):
-    """LSQ fake quantizer of a (..., C) input whose channel c uses step[assignment[c]] (and offset).
+    """LSQ fake quantizer whose channel c (dim `ch_axis` < 0: -1 for (..., C) layer inputs, -3 for the heads of
+    (B, h, N, N) attention probabilities) uses step[assignment[c]] (and offset).
 
     State, fixed from construction: step (G,), offset (G,) with LSQ+, assignment (C,) long, initialized.
     The assignment is set with the steps (calibration, or the first train-mode batch) from per-channel
@@ -48,23 +50,26 @@ class GroupQuantizer(LSQQuantizer):
     """
 
     def __init__(self, bits: int, channels: int, groups: int, dynamic: bool = False, signed: bool = True,
-                 symmetric: bool = True, learnable_offset: bool = False, init: str = "lsq", eps: float = 1e-5):
+                 symmetric: bool = True, learnable_offset: bool = False, init: str = "lsq", eps: float = 1e-5,
+                 ch_axis: int = -1):
         if isinstance(groups, bool) or not isinstance(groups, int) or not 1 <= groups <= channels:
             raise ValueError(f"quant.n_groups={groups!r}: use an integer in 1..{channels} (the layer's input "
                              "channels) or null")
         super().__init__(bits, signed=signed, symmetric=symmetric, learnable_offset=learnable_offset, init=init,
                          eps=eps)
         self.groups, self.dynamic = groups, dynamic
-        self.per_channel, self.ch_axis = True, -1  # statistics per channel (calibration), steps per group
+        self.per_channel, self.ch_axis = True, ch_axis  # statistics per channel (calibration), steps per group
         self.step = nn.Parameter(torch.ones(groups))
         self.offset = nn.Parameter(torch.zeros(groups)) if learnable_offset else None
         self.register_buffer("assignment", torch.arange(channels) * groups // channels)
 
     @classmethod
-    def from_config(cls, cfg, signed: bool, channels: int, groups: int, dynamic: bool = False) -> "GroupQuantizer":
-        """From a QuantizerConfig (its per_channel is replaced by the groups)."""
+    def from_config(cls, cfg, signed: bool, channels: int, groups: int, dynamic: bool = False,
+                    ch_axis: int = -1) -> "GroupQuantizer":
+        """From a QuantizerConfig or AttnQuantConfig (per_channel, where there is one, is replaced by the groups)."""
         return cls(cfg.bits, channels, groups, dynamic, signed=signed, symmetric=cfg.symmetric,
-                   learnable_offset=cfg.learnable_offset, init=cfg.init, eps=cfg.eps)
+                   learnable_offset=getattr(cfg, "learnable_offset", False), init=getattr(cfg, "init", "lsq"),
+                   eps=cfg.eps, ch_axis=ch_axis)
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, groups={self.groups}, channels={len(self.assignment)}, dynamic={self.dynamic}"
@@ -82,20 +87,23 @@ class GroupQuantizer(LSQQuantizer):
     def channel_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(step, offset) per channel (C,), or per instance and channel (B, 1, ..., C) when dynamic."""
         index = self.instance_assignment(x) if self.dynamic else self.assignment
+        index = index.view(*index.shape, *(1,) * (-1 - self.ch_axis))  # broadcast along the dims after ch_axis
         return self.step[index], None if self.offset is None else self.offset[index]
 
     def instance_assignment(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 1, ..., 1, C) long: per instance, the group whose step is closest to each channel's need."""
-        rows = x.detach().reshape(x.shape[0], -1, x.shape[-1])
+        """(B, 1, ..., C) long (C at ch_axis, ones after it left to `channel_params`): per instance, the group
+        whose step is closest to each channel's need."""
+        channels = x.shape[self.ch_axis]
+        rows = x.detach().movedim(self.ch_axis, -1).reshape(x.shape[0], -1, channels)
         need = rows.amax(1).clamp_min(0) / self.qmax
         if self.qmin < 0:
             need = torch.maximum(need, rows.amin(1).clamp_max(0) / self.qmin)
         index = (need[..., None] - self.step.detach().clamp_min(self.eps)).abs().argmin(-1)  # (B, C)
-        return index.view(x.shape[0], *(1,) * (x.ndim - 2), x.shape[-1])
+        return index.view(x.shape[0], *(1,) * (x.ndim + self.ch_axis - 1), channels)
 
     def _init_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The assignment from x's per-channel ranges, then each group's init (`init`) over its channels."""
-        rows = x.reshape(-1, x.shape[-1]).t()  # (C, n)
+        rows = x.movedim(self.ch_axis, 0).flatten(1)  # (C, n)
         self.assignment.copy_(assign_by_range(rows.abs().amax(1), self.groups))
         pairs = [self._init_rows(rows[self.assignment == g].reshape(1, -1)) for g in range(self.groups)]
         return torch.cat([s for s, _ in pairs]), torch.cat([o for _, o in pairs])

@@ -170,9 +170,23 @@ def _quantize_points(model: nn.Module, config: QuantConfig, points: dict[str, Qu
         if _matches(name, config.exclude) or (filter_fn is not None and not filter_fn(point, name)):
             continue
         signed = _signed(config, name, config.attn.signed, point.non_negative)
-        _replace(model, name, LSQQuantizer(config.attn.bits, signed=signed, symmetric=config.attn.symmetric).to(device))
+        _replace(model, name, _point_quantizer(model, config, name, point, signed).to(device))
         replaced.append(name)
     return replaced
+
+
+def _point_quantizer(model: nn.Module, config: QuantConfig, name: str, point: QuantPoint, signed: bool) -> nn.Module:
+    """The LSQQuantizer of an attention point; with quant.n_groups, the softmax output's is a GroupQuantizer over
+    the heads (dim -3 of (B, h, N, N)) with min(n_groups, heads) groups."""
+    attn = config.attn
+    if config.n_groups is None or point.kind != "attn_probs":
+        return LSQQuantizer(attn.bits, signed=signed, symmetric=attn.symmetric, eps=attn.eps)
+    owner = model.get_submodule(name.rpartition(".")[0])
+    heads = getattr(owner, "num_heads", None)
+    if not isinstance(heads, int):
+        raise ValueError(f"quant.n_groups with quant.attn groups the heads of {name}, but its attention module "
+                         f"{type(owner).__name__} has no num_heads; set quant.n_groups=null or quant.attn=null")
+    return GroupQuantizer.from_config(attn, signed, heads, min(config.n_groups, heads), config.dynamic_groups, -3)
 
 
 def _describe(cfg) -> str:
