@@ -7,6 +7,7 @@ in any module with a LayerNorm child `n` and a sibling `c` for a pair (n, c) of 
 timm: norm1 -> attn.qkv, norm2 -> mlp.fc1, Swin's patch merging norm -> reduction.
 """
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from qat.quant.functional import lsq_fake_quant
@@ -105,5 +106,7 @@ class GroupQuantizer(LSQQuantizer):
         """The assignment from x's per-channel ranges, then each group's init (`init`) over its channels."""
         rows = x.movedim(self.ch_axis, 0).flatten(1)  # (C, n)
         self.assignment.copy_(assign_by_range(rows.abs().amax(1), self.groups))
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.assignment, 0)  # one grouping on every rank (the steps are then averaged)
         pairs = [self._init_rows(rows[self.assignment == g].reshape(1, -1)) for g in range(self.groups)]
         return torch.cat([s for s, _ in pairs]), torch.cat([o for _, o in pairs])
