@@ -114,6 +114,10 @@ def test_ptq_run_with_head_stem_eps_and_no_fp_evaluation(fp_run, tmp_path, monke
     ("ptq.eps=0", r"ptq.eps=0: the step floor must be a number > 0"),
     ("ptq.head_stem_8bit=8", r"ptq.head_stem_8bit=8: choose true"),
     ("ptq.test_before_calibration=maybe", r"ptq.test_before_calibration='maybe': choose true"),
+    ("ptq.n_groups=0", r"ptq.n_groups=0: use an integer >= 1"),
+    ("ptq.dynamic_groups=1", r"ptq.dynamic_groups=1: choose true"),
+    ("ptq.dynamic_groups=true", r"quant.dynamic_groups=true assigns channels to groups at run time: set quant.n_groups"),
+    ("ptq.n_groups=200", r"quant.n_groups=200: use an integer in 1..128"),
 ])
 def test_bad_seed004_keys_fail_before_work(fp_run, tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))

@@ -82,8 +82,12 @@ def seed004_keys(ptq: DictConfig) -> dict:
     head_stem = ptq.get("head_stem_8bit", False)
     if not isinstance(head_stem, bool):
         raise ValueError(f"ptq.head_stem_8bit={head_stem!r}: choose true (stem and head at 8 bits) or false")
-    return {"head_stem_bits": 8 if head_stem else None, "n_groups": ptq.get("n_groups"),
-            "dynamic_groups": ptq.get("dynamic_groups", False)}
+    groups, dynamic = ptq.get("n_groups"), ptq.get("dynamic_groups", False)
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise ValueError(f"ptq.n_groups={groups!r}: use an integer >= 1 (seed 004: 8) or null")
+    if not isinstance(dynamic, bool):
+        raise ValueError(f"ptq.dynamic_groups={dynamic!r}: choose true (per-instance groups) or false")
+    return {"head_stem_bits": 8 if head_stem else None, "n_groups": groups, "dynamic_groups": dynamic}
 
 
 def recon_config(ptq: DictConfig) -> ReconConfig | None:
