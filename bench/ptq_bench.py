@@ -136,8 +136,14 @@ def table(rows: list[dict]) -> str:
 def method_label(summary: dict) -> str:
     ptq = summary["method"]
     obs = ptq["observer"]["name"] + ("_channel" if ptq["granularity"] == "channel" else "_layer")
-    name = ("AdaRound/" if ptq["recon"] else "PTQ/") + ("awq" if ptq["awq"] else obs)
-    return name + ("+bias_correct" if ptq["bias_correct"] else "")
+    recon = ptq["recon"]
+    prefix = "PTQ/"
+    if recon and recon.get("enabled"):
+        drop = f",drop{recon['drop_prob']:g}" if recon["drop_prob"] else ""
+        prefix = f"recon[{'+'.join(recon['learn'])},{recon['granularity']}{drop}]/"
+    name = prefix + ("awq" if ptq["awq"] else obs) + ("+cle" if ptq.get("cle") else "")
+    correction = {True: "+bias_correct", "empirical": "+bias_correct", "bn_stats": "+bn_stats_bias"}
+    return name + correction.get(ptq["bias_correct"], "")
 
 
 def collect(root: str) -> str:

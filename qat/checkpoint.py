@@ -12,12 +12,25 @@ from qat.runs import checkpoint_file, load_checkpoint, model_state, state_of
 log = logging.getLogger(__name__)
 
 
+def fold_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm folded into the convs (the model of a PTQ run with ptq.cle / bn_stats: recipe `fold_bn`)."""
+    from qat.datafree.fold import fold_bn_  # here: qat.datafree imports qat.checkpoint (via qat.distill)
+    was_training = model.training
+    fold_bn_(model.eval())
+    return model.train(was_training)
+
+
+def folds_bn(path: str | Path) -> bool:
+    """Whether the run checkpoint at `path` holds a BN-folded model (recipe `fold_bn`)."""
+    checkpoint = load_checkpoint(path)
+    return isinstance(checkpoint, dict) and bool(checkpoint.get("qat", {}).get("fold_bn"))
+
+
 def build_from_recipe(recipe: dict) -> nn.Module:
     """Model + quantization surgery exactly as the run that wrote the recipe."""
     model = build_model(recipe["model"])
-    if recipe.get("fold_bn"):  # PTQ with CLE / BN-statistics bias correction: BatchNorm folded into the convs
-        from qat.datafree.fold import fold_bn_  # here: qat.datafree imports qat.checkpoint (via qat.distill)
-        fold_bn_(model.eval())
+    if recipe.get("fold_bn"):
+        fold_bn(model)
     quant = build_quant(recipe.get("quant"))
     return quantize_(model, quant) if quant is not None else model
 

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from qat.builders import as_dict, build, build_quant
 from qat.callbacks import AtomicCheckpointIO, LastCheckpoint, RunSummary
-from qat.checkpoint import init_from
+from qat.checkpoint import fold_bn, folds_bn, init_from
 from qat.data import build_batch_erasing, build_mixup
 from qat.distill import load_teacher
 from qat.extras import apply_extras
@@ -44,13 +44,17 @@ def check_compile(mode) -> None:
 
 
 def build_student(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
-    """The student (quantized by cfg.quant) and the recipe `qat.load_model` rebuilds it from."""
+    """The student (quantized by cfg.quant) and the recipe `qat.load_model` rebuilds it from. A student
+    initialised from a BN-folded run (a DFQ / CLE PTQ run) is folded too, so every tensor loads."""
     model = build(cfg.model)
+    folded = bool(cfg.init_from) and folds_bn(resolve(cfg.init_from, cfg.paths.output_root))
+    if folded:
+        fold_bn(model)
     quant = build_quant(cfg.quant)
     if quant is not None:
         quantize_(model, quant)
     recipe = {"model": as_dict(cfg.model), "quant": as_dict(cfg.quant) if quant is not None else None,
-              "num_classes": int(cfg.data.num_classes)}
+              "num_classes": int(cfg.data.num_classes), **({"fold_bn": True} if folded else {})}
     return model, recipe
 
 

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from qat.models import create_model
-from qat.ptq.adaround import AdaRoundWeight, BetaSchedule
+from qat.ptq.adaround import BetaSchedule
+from qat.ptq.recon_weight import ReconWeight
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
 from qat.ptq.reconstruct import ReconConfig, reconstruct_, units
@@ -26,7 +27,7 @@ def toy_linear(act_bits=None):
 def test_rectified_sigmoid_starts_at_the_fractional_part():
     layer, _ = toy_linear()
     q, w = layer[0].weight_quantizer, layer[0].weight
-    ada = AdaRoundWeight(q, w)
+    ada = ReconWeight(q, layer[0], "adaround", ("alpha",))
     v = w.detach() / q.step.detach()
     torch.testing.assert_close(ada.floor + ada.h(), v, atol=1e-5, rtol=0)
     torch.testing.assert_close(ada(w), q(w), atol=0.5 * float(q.step.detach().max()), rtol=0)
@@ -44,7 +45,7 @@ def test_adaround_codes_are_floor_or_ceil_and_beat_nearest(act_bits):
         target = x @ w0.t() + layer[0].bias
         nearest = float((layer(x) - target).square().mean())
     act_step = None if act_bits is None else layer[0].act_quantizer.step.detach().clone()
-    reconstruct_(layer, [x], ReconConfig(granularity="layer", iters=400, batch_size=64, lr=1e-2, act_lr=1e-3))
+    reconstruct_(layer, [x], ReconConfig(granularity="layer", iters=400, batch_size=64, lr=1e-2, step_lr=1e-3))
     codes = layer[0].weight.detach() / step
     assert torch.equal(codes, codes.round()) or float((codes - codes.round()).abs().max()) < 1e-4
     v = w0 / step
@@ -66,7 +67,7 @@ def test_units_layer_and_block():
     assert len(units(resnet, "layer")) == 18 and len(units(resnet, "block")) == 9
     assert len(units(vit, "layer")) == 8 and [n for n, _ in units(vit, "block")] == [
         "classifier.blocks.0", "classifier.blocks.1"]
-    with pytest.raises(ValueError, match=r"no quantized layer with a weight quantizer .* ptq.recon=null"):
+    with pytest.raises(ValueError, match=r"no quantized layer with a weight quantizer .* ptq.recon.enabled=false"):
         reconstruct_(quantize_(create_model("vit_2_4_32"), QuantConfig(act={"bits": 4})), [], ReconConfig())
 
 

@@ -10,6 +10,10 @@ import pytest
 import torch
 
 import qat
+from qat.checkpoint import init_from
+from qat.run import build_student
+from qat.runs import resolve
+from tests.conftest import compose_config
 from qat.export.exporter import export
 from qat.models import create_model
 from qat.ptq import pipeline
@@ -78,3 +82,16 @@ def test_dfq_run_exports_equal_to_fake_quant(resnet_run, tmp_path):
     ptq(tmp_path, f"ckpt={resnet_run}", "quant=w4a4", "ptq=dfq")
     report = export(tmp_path, "int", check=16)  # qat.export rebuilds the folded model from the recipe
     assert report["check"]["int"]["top1_agreement"] == 1.0, report["check"]
+
+
+def test_qat_from_a_dfq_run_builds_a_folded_student_that_loads_every_tensor(resnet_run, tmp_path):
+    ptq(tmp_path / "dfq", f"ckpt={resnet_run}", "quant=w4a32", "ptq=dfq")
+    cfg = compose_config(["model=resnet20", "quant=w4a32", "quant.add_bias=true", f"init_from={tmp_path / 'dfq'}"],
+                         tmp_path)
+    student, recipe = build_student(cfg)
+    assert recipe["fold_bn"] is True and not any(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
+    info = init_from(student, resolve(cfg.init_from, tmp_path))
+    assert info["missing"] == [] and info["unexpected"] == []
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(student.eval()(x), qat.load_model(tmp_path / "dfq")(x), rtol=0, atol=1e-5)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cos
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FAST = ["data=cifar10_sample", "data.test_per_class=3", "data.eval_batch_size=64", "ptq.calib_size=32",
-        "ptq.calib_batch_size=16", "ptq.recon_iters=4", "ptq.recon_batch_size=8", "ptq.awq_grid=2",
+        "ptq.calib_batch_size=16", "ptq.recon.iters=4", "ptq.recon.batch_size=8", "ptq.awq_grid=2",
         "ptq.max_samples=4096"]
 
 
@@ -51,7 +51,8 @@ def ptq(tmp_path: Path, *overrides: str) -> dict:
 
 METHODS = [("minmax_layer", "w4a32"), ("minmax_channel", "w32a4"), ("mse_layer", "w4a4"), ("mse_channel", "w3a32"),
            ("percentile", "w32a8"), ("aciq_layer", "w4a32"), ("aciq_channel", "w32a8"), ("omse", "w8a32"),
-           ("awq", "w4a32"), ("adaround", "w4a4")]
+           ("awq", "w4a32"), ("adaround", "w4a4"), ("brecq", "w3a32"), ("qdrop", "w4a4"), ("nwq", "w4a4"),
+           ("case2_2", "w4a4"), ("adaqtransform", "w4a4"), ("adaqtransform_nwq", "w2a2")]
 
 
 @pytest.mark.parametrize("method,quant", METHODS)
@@ -103,9 +104,16 @@ def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
     (["ptq.observer.name=kl"], ValueError, r"ptq.observer='kl' .*\['aciq', 'minmax', 'mse', 'omse', 'percentile'\]"),
     (["quant.weight.bits=1"], ValueError, r"quant.weight.bits=1: PTQ supports 2..8 bits"),
     (["quant.weight.bits=9"], ValueError, r"quant.weight.bits=9: PTQ supports 2..8 bits"),
-    (["quant=w32a8", "ptq.recon=adaround"], ValueError, r"ptq.recon=adaround: vit_2_4_32 has no quantized layer"),
-    (["ptq.recon=brecq"], ValueError, r"ptq.recon='brecq': choose one of \[None, 'adaround'\]"),
+    (["quant=w32a8", "ptq=adaround"], ValueError, r"ptq.recon: vit_2_4_32 has no quantized layer"),
+    (["ptq=brecq", "ptq.recon.rounding=round"], ValueError,
+     r"ptq.recon.rounding='round': choose one of \['nearest', 'adaround'\]"),
+    (["ptq=qdrop", "ptq.recon.learn=[alpha,s_y]"], ValueError, r"ptq.recon.learn=\['alpha', 's_y'\]: unknown \['s_y'\]"),
+    (["ptq=nwq", "ptq.recon.objective=ce", "ptq.recon.granularity=block"], ValueError,
+     r"ptq.recon.objective=ce needs labels .* ptq.recon.granularity=network"),
+    (["ptq=qdrop", "ptq.recon.drop_prob=1.5"], ValueError, r"ptq.recon.drop_prob=1.5: use a probability"),
+    (["ptq=adaround", "ptq.recon.rounding=nearest"], ValueError, r"learn alpha exactly when ptq.recon.rounding"),
     (["quant=fp"], ValueError, r"quant=fp quantizes nothing"),
+    (["ptq.recon=adaround"], ValueError, r"ptq.recon='adaround': reconstruction is the ptq.recon.\* group now"),
 ])
 def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, error, match):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
@@ -128,3 +136,16 @@ def test_per_channel_ptq_run_exports_equal_to_fake_quant(fp_run, tmp_path):
     with pytest.raises(ValueError, match="per-channel activation steps: an integer matmul"):
         ptq(tmp_path / "pc", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel")
         export(tmp_path / "pc", "int", check=0)
+
+
+def test_adaqtransform_run_is_an_ordinary_quantized_model_and_exports_equal(fp_run, tmp_path):
+    plain = ptq(tmp_path / "plain", f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "ptq.act_granularity=layer",
+                "ptq.bias_correct=true")
+    summary = ptq(tmp_path / "aqt", f"ckpt={fp_run}", "quant=w4a4", "ptq=adaqtransform")
+    assert list(summary["recon"]["learn"]) == ["alpha", "s_x", "xi", "eta"] and summary["quant"]["add_bias"]
+    assert list(summary["recon"]["units"]) == ["classifier.blocks.0", "classifier.blocks.1"]  # default: the blocks
+    shapes = [{k: v.shape for k, v in qat.load_model(tmp_path / run).state_dict().items()} for run in ("plain", "aqt")]
+    assert shapes[0] == shapes[1] and plain["quant"] == summary["quant"]  # xi, eta folded: nothing added
+    report = export(tmp_path / "aqt", "all", check=32)
+    for fmt in ("int", "onnx"):
+        assert report["check"][fmt]["top1_agreement"] == 1.0, report["check"]

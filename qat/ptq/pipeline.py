@@ -27,7 +27,6 @@ from qat.quant import QuantConfig, quantize_
 from qat.runs import load_checkpoint, model_state, resolve
 
 log = logging.getLogger(__name__)
-RECON_METHODS = (None, "adaround")
 PTQ_BITS = range(2, 9)
 DEFAULT_EPS = 1e-5  # LSQQuantizer's step floor
 
@@ -70,7 +69,9 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
             raise ValueError(f"quant.attn.bits={quant['attn']['bits']}: PTQ supports {PTQ_BITS.start}.."
                              f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
     quant.update(seed004_keys(cfg.ptq))
-    quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq)
+    recon = recon_config(cfg.ptq)
+    learns_bias = recon is not None and bool({"eta", "b"} & set(recon.learn))
+    quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq) or learns_bias
     config = build_quant(quant)
     if config is None:
         raise ValueError("quant=fp quantizes nothing: choose a bit width, e.g. quant=w4a32 or quant=w32a8")
@@ -91,13 +92,19 @@ def seed004_keys(ptq: DictConfig) -> dict:
 
 
 def recon_config(ptq: DictConfig) -> ReconConfig | None:
-    if ptq.recon not in RECON_METHODS:
-        raise ValueError(f"ptq.recon={ptq.recon!r}: choose one of {list(RECON_METHODS)}")
-    if ptq.recon is None:
+    """ReconConfig of `ptq.recon` (null when ptq.recon.enabled is false)."""
+    recon = ptq.get("recon")
+    if not isinstance(recon, DictConfig):
+        raise ValueError(f"ptq.recon={recon!r}: reconstruction is the ptq.recon.* group now; pick a preset "
+                         "(ptq=adaround, brecq, qdrop, nwq, case2_2, adaqtransform) or set ptq.recon.enabled=true")
+    settings = as_dict(recon)
+    if not settings.pop("enabled"):
         return None
-    return ReconConfig(granularity=ptq.recon_granularity, iters=int(ptq.recon_iters),
-                       batch_size=int(ptq.recon_batch_size), lr=float(ptq.recon_lr), act_lr=float(ptq.recon_act_lr),
-                       reg_weight=float(ptq.recon_reg_weight), warmup=float(ptq.recon_warmup))
+    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(ReconConfig)})
+    if unknown:
+        raise ValueError(f"ptq.recon: unknown keys {unknown}; valid keys are "
+                         f"{['enabled'] + [f.name for f in dataclasses.fields(ReconConfig)]}")
+    return ReconConfig(**settings)
 
 
 def check_method(recipe: dict, config: QuantConfig, ptq: DictConfig) -> None:
@@ -107,8 +114,8 @@ def check_method(recipe: dict, config: QuantConfig, ptq: DictConfig) -> None:
     recon = recon_config(ptq)
     probe = quantize_(build_from_recipe(recipe), config)
     if recon is not None and not units(probe, recon.granularity):
-        raise ValueError(f"ptq.recon={ptq.recon}: {recipe['model']['name']} has no quantized layer with a weight "
-                         "quantizer to reconstruct; set quant.weight (e.g. quant=w4a32) or ptq.recon=null")
+        raise ValueError(f"ptq.recon: {recipe['model']['name']} has no quantized layer with a weight quantizer to "
+                         "reconstruct; set quant.weight (e.g. quant=w4a32) or ptq.recon.enabled=false")
     if ptq.awq and config.weight is None:
         raise ValueError("ptq.awq=true scales weights: set quant.weight (e.g. quant=w4a32) or ptq.awq=false")
 
@@ -119,8 +126,8 @@ def observers(ptq: DictConfig):
     return weight, act
 
 
-def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[torch.Tensor]:
-    """`n` training images picked by `seed`, with the eval transform (no augmentation), in batches."""
+def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`n` (image, label) pairs of the training split picked by `seed`, eval transform (no augmentation), in batches."""
     train = datamodule.train_set
     if n > len(train):
         raise ValueError(f"ptq.calib_size={n} is larger than the training split ({len(train)} images of "
@@ -128,7 +135,8 @@ def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
     transform = datamodule.test_set.transform
     images = torch.stack([transform(Image.fromarray(train.images[i])) for i in pick.tolist()])
-    return list(images.split(batch_size))
+    labels = torch.as_tensor(train.labels)[pick].long()
+    return list(zip(images.split(batch_size), labels.split(batch_size)))
 
 
 @torch.no_grad()
@@ -158,7 +166,7 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     if recon is not None:
         t = time.perf_counter()
         report = reconstruct_(model, batches, recon)
-        facts["recon"] = {"method": ptq.recon, **dataclasses.asdict(recon), "units": report,
+        facts["recon"] = {**dataclasses.asdict(recon), "units": report,
                           "time_s": time.perf_counter() - t}
     facts["total_time_s"] = time.perf_counter() - start  # quantization work, without the two evaluations
     return facts
@@ -201,7 +209,8 @@ def run(cfg: DictConfig) -> dict:
                "method": as_dict(cfg.ptq), "bits": {
                    k: None if getattr(config, k) is None else getattr(config, k).bits for k in ("weight", "act")},
                "fp_acc": fp_acc, "quant_acc": acc, "best_val_acc": acc, "test_acc": acc,
-               "calib_size": len(torch.cat(batches)), "calib_transform": "eval (no augmentation), training split",
+               "calib_size": sum(len(images) for images, _ in batches),
+               "calib_transform": "eval (no augmentation), training split",
                "output_dir": str(output_dir), **facts}
     save_run(output_dir, model, {**recipe, "quant": quant, **({"fold_bn": True} if folds(cfg.ptq) else {})}, summary)
     log.info("PTQ %s: FP %s -> %.2f%% (calibration %.1fs) -> %s", summary["model"],

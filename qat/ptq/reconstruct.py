@@ -1,44 +1,82 @@
-"""Reconstruction: a loop over units (a layer, or a BRECQ block) that fits each unit's quantized output to
-the FP output on calibration data, learning AdaRound rounding (and, with quantized inputs, the activation
-steps by LSQ on the same loss).
+"""Reconstruction PTQ in seed 003's general form: a loop over units (a layer, a BRECQ block or the whole network)
+that fits each unit's quantized output to the FP one on calibration data, learning any subset of
+{s_w, s_w_dq, s_x, alpha, xi, eta, b, w} (qat.ptq.recon_weight), with optional QDrop.
 
-Unit inputs come from the quantized model with the earlier units already reconstructed; targets are the FP
-model's unit outputs. Both are cached on CPU in float16, one unit at a time.
+AdaRound / BRECQ, QDrop, NWQ, Case 2.2, AdaQTransform and LSQ-style corners are presets of ReconConfig
+(conf/ptq/*.yaml). Unit inputs come from the quantized model with the earlier units already reconstructed;
+targets are the FP model's unit outputs (or the labels, objective ce). Both are cached on CPU in float16.
 """
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qat.models.layers import TransformerEncoderLayer
 from qat.models.resnet_cifar import BasicBlock
-from qat.ptq.adaround import BetaSchedule, attach_, bake_
+from qat.ptq.adaround import BetaSchedule, regularizer
 from qat.ptq.calibrate import inputs_of
+from qat.ptq.recon_weight import LEARNABLE, ROUNDINGS, attach_, fold_
 from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers_off
 
 log = logging.getLogger(__name__)
 BLOCKS = (BasicBlock, TransformerEncoderLayer)  # BRECQ blocks: a residual block, a transformer block
+GRANULARITIES = ("layer", "block", "network")
+OBJECTIVES = ("weight_mse", "output_mse", "ce")
+WEIGHT_ONLY = ("alpha", "s_w", "s_w_dq", "xi")  # what weight_mse (no data) can learn
+
+
+def _choice(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"ptq.recon.{key}={value!r}: choose one of {list(choices)}")
 
 
 @dataclass
 class ReconConfig:
-    """Reconstruction settings (the `ptq.recon_*` keys)."""
-    granularity: str = "block"  # layer | block
+    """Reconstruction settings (the `ptq.recon.*` keys). The defaults are AdaRound with the input steps learnt."""
+    rounding: str = "adaround"  # nearest | adaround
+    learn: tuple = ("alpha", "s_x")  # subset of LEARNABLE
+    granularity: str = "block"  # layer | block | network
+    objective: str = "output_mse"  # weight_mse | output_mse | ce (labels; network)
+    drop_prob: float = 0.0  # QDrop: each activation element stays FP with this probability while fitting
     iters: int = 1000
     batch_size: int = 32
-    lr: float = 1e-3  # Adam on the AdaRound alphas
-    act_lr: float = 4e-5  # Adam on the activation steps (0 = keep them fixed)
+    lr: float = 1e-3  # Adam on alpha
+    step_lr: float = 4e-5  # on s_x, s_w, s_w_dq
+    transform_lr: float = 1e-3  # on xi, eta, b
+    weight_lr: float = 1e-5  # on w
     reg_weight: float = 0.01  # lambda of the rounding regulariser
     warmup: float = 0.2  # fraction of iterations without the regulariser
     beta: tuple = (20.0, 2.0)  # annealed from beta[0] to beta[1]
     seed: int = 0
 
     def __post_init__(self):
-        if self.granularity not in ("layer", "block"):
-            raise ValueError(f"ptq.recon_granularity={self.granularity!r}: choose 'layer' or 'block'")
+        self.learn = tuple(self.learn)
+        _choice("rounding", self.rounding, ROUNDINGS)
+        _choice("granularity", self.granularity, GRANULARITIES)
+        _choice("objective", self.objective, OBJECTIVES)
+        unknown = [k for k in self.learn if k not in LEARNABLE]
+        if unknown:
+            raise ValueError(f"ptq.recon.learn={list(self.learn)}: unknown {unknown}; choose from {list(LEARNABLE)}")
+        if ("alpha" in self.learn) != (self.rounding == "adaround"):
+            raise ValueError(f"ptq.recon.learn={list(self.learn)} with rounding={self.rounding}: alpha is the "
+                             "AdaRound parameter; learn alpha exactly when ptq.recon.rounding=adaround")
+        if self.objective == "ce" and self.granularity != "network":
+            raise ValueError(f"ptq.recon.objective=ce needs labels at the network output: set "
+                             f"ptq.recon.granularity=network (not {self.granularity!r})")
+        if self.objective == "weight_mse" and set(self.learn) - set(WEIGHT_ONLY):
+            raise ValueError(f"ptq.recon.objective=weight_mse sees no data: it learns only {list(WEIGHT_ONLY)}, "
+                             f"not {sorted(set(self.learn) - set(WEIGHT_ONLY))}; use objective=output_mse")
+        if not 0 <= self.drop_prob < 1:
+            raise ValueError(f"ptq.recon.drop_prob={self.drop_prob}: use a probability in [0, 1) (0.5 for QDrop)")
         if self.iters < 1 or self.batch_size < 1:
-            raise ValueError(f"ptq.recon_iters={self.iters} and ptq.recon_batch_size={self.batch_size} must be >= 1")
+            raise ValueError(f"ptq.recon.iters={self.iters} and ptq.recon.batch_size={self.batch_size} must be >= 1")
+        for key in ("lr", "step_lr", "transform_lr", "weight_lr"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"ptq.recon.{key}={getattr(self, key)} must be > 0; to freeze a parameter, "
+                                 "leave it out of ptq.recon.learn")
 
 
 def has_weight_quantizer(m: nn.Module) -> bool:
@@ -46,8 +84,10 @@ def has_weight_quantizer(m: nn.Module) -> bool:
 
 
 def units(model: nn.Module, granularity: str) -> list[tuple[str, nn.Module]]:
-    """(name, module) to reconstruct in model order: quantized layers, or blocks (layers outside any block
-    are units of their own)."""
+    """(name, module) to reconstruct in model order: quantized layers, blocks (layers outside any block are
+    units of their own) or the whole network ("")."""
+    if granularity == "network":
+        return [("", model)] if any(has_weight_quantizer(m) for m in model.modules()) else []
     found, inside = [], ()
     for name, m in model.named_modules():
         if inside and name.startswith(inside):
@@ -85,40 +125,95 @@ def capture(model: nn.Module, unit: nn.Module, batches: list, output: bool) -> t
     return torch.cat(kept)
 
 
+@contextmanager
+def dropping(acts: list[LSQQuantizer], p: float, seed: int):
+    """QDrop: while active, each element of a quantizer's input skips quantization with probability p."""
+    gens = {}
+
+    def hook(q, args, out):
+        x = args[0]
+        if x.device not in gens:
+            gens[x.device] = torch.Generator(x.device).manual_seed(seed)
+        return torch.where(torch.rand(x.shape, device=x.device, generator=gens[x.device]) < p, x, out)
+
+    handles = [q.register_forward_hook(hook) for q in acts] if p > 0 else []
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def param_groups(layers: list, weights: list, acts: list, cfg: ReconConfig) -> list[dict]:
+    """Adam groups of the learnt set; sets requires_grad on exactly those tensors."""
+    picks = {"alpha": ([w.alpha for w in weights], cfg.lr), "s_x": ([q.step for q in acts], cfg.step_lr),
+             "s_w": ([w.s_w for w in weights], cfg.step_lr), "s_w_dq": ([w.s_dq for w in weights], cfg.step_lr),
+             "xi": ([w.xi for w in weights], cfg.transform_lr), "eta": ([w.eta for w in weights], cfg.transform_lr),
+             "b": ([m.bias for m in layers if m.bias is not None], cfg.transform_lr),
+             "w": ([m.weight for m in layers], cfg.weight_lr)}
+    groups = []
+    for key in cfg.learn:
+        params, lr = picks[key]
+        for p in params:
+            p.requires_grad_(True)
+        if params:
+            groups.append({"params": params, "lr": lr, "name": key})
+    return groups
+
+
+def unit_loss(unit: nn.Module, layers: list, x, y, cfg: ReconConfig) -> torch.Tensor:
+    if cfg.objective == "weight_mse":
+        return sum((m.weight_quantizer(m.weight) - m.weight).square().sum() for m in layers)
+    if cfg.objective == "ce":
+        return F.cross_entropy(unit(x), y.long())
+    return (unit(x) - y).square().flatten(1).sum(1).mean()
+
+
 def fit_unit(unit: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, cfg: ReconConfig) -> dict:
-    """AdaRound the unit's weights (and LSQ its input steps) on (inputs, targets); bakes the rounding."""
+    """Fit the unit's learnt set on (inputs, targets), then fold it (`fold_`): an ordinary quantized unit."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
         p.requires_grad_(False)
     layers = [m for m in unit.modules() if has_weight_quantizer(m)]
-    roundings = [attach_(m) for m in layers]
+    weights = [attach_(m, cfg.rounding, cfg.learn) for m in layers]
     acts = [q for q in unit.modules() if isinstance(q, LSQQuantizer) and q.enabled]
-    for q in acts:
-        q.step.requires_grad_(cfg.act_lr > 0)
-    groups = [{"params": [r.alpha for r in roundings], "lr": cfg.lr}]
-    if acts and cfg.act_lr > 0:
-        groups.append({"params": [q.step for q in acts], "lr": cfg.act_lr})
-    opt = torch.optim.Adam(groups)
+    opt = torch.optim.Adam(param_groups(layers, weights, acts, cfg))
     schedule = BetaSchedule(cfg.iters, cfg.warmup, *cfg.beta)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = next(unit.parameters()).device
-    for it in range(cfg.iters):
-        idx = torch.randint(len(inputs), (min(cfg.batch_size, len(inputs)),), generator=gen)
-        x, y = inputs[idx].to(device).float(), targets[idx].to(device).float()
-        rec = (unit(x) - y).square().flatten(1).sum(1).mean()
-        beta = schedule(it)
-        reg = sum(r.regularizer(beta) for r in roundings) if beta is not None else rec.new_zeros(())
-        opt.zero_grad(set_to_none=True)
-        (rec + cfg.reg_weight * reg).backward()
-        opt.step()
-        for q in acts:
-            q.step.data.clamp_(min=q.eps)
-    soft = sum(float(((r.h() > 0) & (r.h() < 1)).sum()) for r in roundings)
+    with dropping(acts, cfg.drop_prob, cfg.seed):
+        for it in range(cfg.iters):
+            idx = torch.randint(len(inputs), (min(cfg.batch_size, len(inputs)),), generator=gen)
+            rec = unit_loss(unit, layers, inputs[idx].to(device).float(), targets[idx].to(device), cfg)
+            beta = schedule(it) if "alpha" in cfg.learn else None
+            reg = sum(regularizer(w.alpha, beta) for w in weights) if beta is not None else rec.new_zeros(())
+            opt.zero_grad(set_to_none=True)
+            (rec.float() + cfg.reg_weight * reg).backward()
+            opt.step()
+            for w in weights:
+                w.clamp_()
+            for q in acts:
+                q.step.data.clamp_(min=q.eps)
+    soft = sum(float(((w.h() > 0) & (w.h() < 1)).sum()) for w in weights if w.alpha is not None)
     for m in layers:
-        bake_(m)
+        fold_(m)
     for p, flag in frozen.items():
         p.requires_grad_(flag)
     return {"rec_loss": float(rec.detach()), "undecided": soft}
+
+
+def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig):
+    """(inputs, targets) of a unit: quantized-model inputs and FP outputs (or labels, objective ce)."""
+    if cfg.objective == "weight_mse":
+        return torch.zeros(1), torch.zeros(1)
+    if cfg.objective == "ce":
+        if not all(isinstance(b, (tuple, list)) for b in batches):
+            raise ValueError("ptq.recon.objective=ce needs labelled calibration batches ((images, labels) pairs)")
+        targets = torch.cat([b[1] for b in batches])
+    else:
+        with quantizers_off(model):
+            targets = capture(model, unit, batches, output=True)
+    return capture(model, unit, batches, output=False), targets
 
 
 def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str, dict]:
@@ -126,16 +221,14 @@ def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str,
     todo = units(model, cfg.granularity)
     if not todo:
         raise ValueError("ptq.recon: the model has no quantized layer with a weight quantizer to reconstruct; "
-                         "set quant.weight (e.g. quant=w4a32) or ptq.recon=null")
+                         "set quant.weight (e.g. quant=w4a32) or ptq.recon.enabled=false")
     was_training = model.training
     model.eval()
     report = {}
     for name, unit in todo:
-        with quantizers_off(model):
-            targets = capture(model, unit, batches, output=True)
-        inputs = capture(model, unit, batches, output=False)
+        inputs, targets = unit_data(model, unit, batches, cfg)
         with torch.enable_grad():
-            report[name] = fit_unit(unit, inputs, targets, cfg)
-        log.info("recon %s: %s", name, report[name])
+            report[name or "network"] = fit_unit(unit, inputs, targets, cfg)
+        log.info("recon %s: %s", name or "network", report[name or "network"])
     model.train(was_training)
     return report
