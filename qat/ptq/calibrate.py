@@ -12,6 +12,7 @@ from torch import nn
 from qat.ptq.observers import Observer, Stats, fake_quant
 from qat.quant import LSQQuantizer, QuantLayerMixin, quantizers, quantizers_off
 from qat.quant.calibrate import inputs_of
+from qat.quant.groups import GroupQuantizer, assign_by_range
 
 MAX_SAMPLES = 2**16  # samples kept per activation quantizer (split over its channels)
 
@@ -82,10 +83,30 @@ def observe_(q: LSQQuantizer, stats: Stats, observer: Observer) -> float:
     """Set `q` from `stats` with `observer`; returns the quantization MSE on the (sampled) data."""
     if q.binary:
         raise ValueError(f"quantizer {q.name}: 1-bit sign quantizers have no observer calibration; use >= 2 bits")
+    if isinstance(q, GroupQuantizer):
+        return observe_groups_(q, stats, observer)
     step, offset = observer(stats, q.qmin, q.qmax, q.offset is not None)
     set_qparams_(q, step, offset)
     s = q.step.detach().clamp_min(q.eps).reshape(-1, 1)
     off = None if q.offset is None else q.offset.detach().reshape(-1, 1)
+    return float((fake_quant(stats.samples, s, off, q.qmin, q.qmax) - stats.samples).square().mean())
+
+
+def observe_groups_(q: GroupQuantizer, stats: Stats, observer: Observer) -> float:
+    """Set a GroupQuantizer from per-channel `stats`: the assignment by range (`assign_by_range` on max|x|), then
+    each group's step (and offset) by `observer` over its channels' samples and range; returns the MSE."""
+    q.assignment.copy_(assign_by_range(torch.maximum(stats.lo.abs(), stats.hi.abs()), q.groups))
+    steps, offsets = [], []
+    for g in range(q.groups):
+        member = q.assignment == g
+        group = Stats(stats.samples[member].reshape(1, -1), stats.lo[member].amin().view(1),
+                      stats.hi[member].amax().view(1))
+        step, offset = observer(group, q.qmin, q.qmax, q.offset is not None)
+        steps.append(step)
+        offsets.append(offset)
+    set_qparams_(q, torch.cat(steps), None if q.offset is None else torch.cat(offsets))
+    s = q.step.detach().clamp_min(q.eps)[q.assignment].reshape(-1, 1)
+    off = None if q.offset is None else q.offset.detach()[q.assignment].reshape(-1, 1)
     return float((fake_quant(stats.samples, s, off, q.qmin, q.qmax) - stats.samples).square().mean())
 
 

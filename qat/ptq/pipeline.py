@@ -28,6 +28,7 @@ from qat.runs import load_checkpoint, model_state, resolve
 
 log = logging.getLogger(__name__)
 PTQ_BITS = range(2, 9)
+DEFAULT_EPS = 1e-5  # LSQQuantizer's step floor
 
 
 def load_fp_checkpoint(ref: str, output_root: str | Path) -> tuple[Path, dict]:
@@ -45,27 +46,49 @@ def load_fp_checkpoint(ref: str, output_root: str | Path) -> tuple[Path, dict]:
 
 
 def quant_config(cfg: DictConfig) -> QuantConfig:
-    """The QuantConfig of the run: cfg.quant with ptq.granularity and, for bias correction, add_bias."""
+    """The QuantConfig of the run: cfg.quant with ptq.granularity, ptq.eps, the seed-004 keys (head_stem_8bit,
+    n_groups, dynamic_groups) and, for bias correction, add_bias."""
     quant = as_dict(cfg.quant)
     granularity = {"weight": cfg.ptq.granularity, "act": cfg.ptq.get("act_granularity") or cfg.ptq.granularity}
     for key, value in (("granularity", granularity["weight"]), ("act_granularity", granularity["act"])):
         if value not in ("layer", "channel"):
             raise ValueError(f"ptq.{key}={value!r}: choose 'layer' or 'channel'")
+    eps = cfg.ptq.get("eps", DEFAULT_EPS)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"ptq.eps={eps!r}: the step floor must be a number > 0, e.g. ptq.eps=1e-4")
     for key in ("weight", "act"):
         if quant.get(key) is not None:
             quant[key]["per_channel"] = granularity[key] == "channel"
+            quant[key]["eps"] = float(eps)
             if quant[key]["bits"] not in PTQ_BITS:
                 raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                                  f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
+    if quant.get("attn") is not None:
+        quant["attn"]["eps"] = float(eps)
+        if quant["attn"]["bits"] not in PTQ_BITS:
+            raise ValueError(f"quant.attn.bits={quant['attn']['bits']}: PTQ supports {PTQ_BITS.start}.."
+                             f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
+    quant.update(seed004_keys(cfg.ptq))
     recon = recon_config(cfg.ptq)
     learns_bias = recon is not None and bool({"eta", "b"} & set(recon.learn))
     quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq) or learns_bias
     config = build_quant(quant)
     if config is None:
         raise ValueError("quant=fp quantizes nothing: choose a bit width, e.g. quant=w4a32 or quant=w32a8")
-    if config.attn is not None:
-        raise ValueError("quant.attn is not supported by ptq.py yet: use quant=wXa32 / w32aX / wXaY")
     return config
+
+
+def seed004_keys(ptq: DictConfig) -> dict:
+    """The QuantConfig fields set by ptq.head_stem_8bit, ptq.n_groups and ptq.dynamic_groups."""
+    head_stem = ptq.get("head_stem_8bit", False)
+    if not isinstance(head_stem, bool):
+        raise ValueError(f"ptq.head_stem_8bit={head_stem!r}: choose true (stem and head at 8 bits) or false")
+    groups, dynamic = ptq.get("n_groups"), ptq.get("dynamic_groups", False)
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise ValueError(f"ptq.n_groups={groups!r}: use an integer >= 1 (seed 004: 8) or null")
+    if not isinstance(dynamic, bool):
+        raise ValueError(f"ptq.dynamic_groups={dynamic!r}: choose true (per-instance groups) or false")
+    return {"head_stem_bits": 8 if head_stem else None, "n_groups": groups, "dynamic_groups": dynamic}
 
 
 def recon_config(ptq: DictConfig) -> ReconConfig | None:
@@ -157,11 +180,19 @@ def save_run(output_dir: Path, model, recipe: dict, summary: dict) -> None:
     write_json_atomic(output_dir / "summary.json", {**summary, "best_ckpt": str(ckpt), "finished": True})
 
 
+def test_first(ptq: DictConfig) -> bool:
+    """ptq.test_before_calibration: evaluate the FP model before quantizing (default true)."""
+    value = ptq.get("test_before_calibration", True)
+    if not isinstance(value, bool):
+        raise ValueError(f"ptq.test_before_calibration={value!r}: choose true (evaluate FP first) or false")
+    return value
+
+
 def run(cfg: DictConfig) -> dict:
     """The PTQ run of `cfg` (conf/ptq.yaml); returns the summary."""
     output_dir = Path(cfg.paths.output_dir)
     source, checkpoint = load_fp_checkpoint(cfg.ckpt, cfg.paths.output_root)
-    config = quant_config(cfg)
+    config, test_fp = quant_config(cfg), test_first(cfg.ptq)
     check_method(checkpoint["qat"], config, cfg.ptq)
     datamodule = build(cfg.data, _convert_="all")
     datamodule.setup()
@@ -170,7 +201,7 @@ def run(cfg: DictConfig) -> dict:
     recipe = checkpoint["qat"]
     model = build_from_recipe(recipe)
     model.load_state_dict(model_state(checkpoint), strict=True)
-    fp_acc = evaluate(model, datamodule)
+    fp_acc = evaluate(model, datamodule) if test_fp else None
     facts = quantize_model(model, config, batches, cfg)
     acc = evaluate(model, datamodule)
     quant = dataclasses.asdict(config)
@@ -182,6 +213,6 @@ def run(cfg: DictConfig) -> dict:
                "calib_transform": "eval (no augmentation), training split",
                "output_dir": str(output_dir), **facts}
     save_run(output_dir, model, {**recipe, "quant": quant, **({"fold_bn": True} if folds(cfg.ptq) else {})}, summary)
-    log.info("PTQ %s: FP %.2f%% -> %.2f%% (calibration %.1fs) -> %s", summary["model"], fp_acc, acc,
-             facts["calibration_time_s"], output_dir)
+    log.info("PTQ %s: FP %s -> %.2f%% (calibration %.1fs) -> %s", summary["model"],
+             "not evaluated" if fp_acc is None else f"{fp_acc:.2f}%", acc, facts["calibration_time_s"], output_dir)
     return summary

@@ -12,6 +12,11 @@ def _check_bits(bits) -> None:
         raise ValueError(f"bits={bits!r} is not supported: use an integer in 1..8")
 
 
+def _check_eps(eps) -> None:
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps={eps!r} is not supported: the step floor must be a number > 0, e.g. 1e-5")
+
+
 @dataclass
 class QuantizerConfig:
     """One LSQ quantizer.
@@ -25,11 +30,13 @@ class QuantizerConfig:
     per_channel: bool = False  # weights: one step per output channel; layer inputs: one per input channel
     learnable_offset: bool = False  # LSQ+ learnable offset
     init: str = "lsq"  # 'lsq' 2*mean|x|/sqrt(Qp) | 'minmax' | 'mse'
+    eps: float = 1e-5  # floor of the step (forward, calibration and clamp_steps_)
 
     def __post_init__(self):
         _check_bits(self.bits)
         if self.init not in INITS:
             raise ValueError(f"init={self.init!r} is not supported; choose one of {list(INITS)}")
+        _check_eps(self.eps)
 
 
 @dataclass
@@ -42,12 +49,34 @@ class AttnQuantConfig:
     # True = all signed (softmax {-1, 0, 1}: the log's first 'attn q' runs)
     signed: bool | None = None
     probs_signed: InitVar[bool | None] = None  # removed: quant.attn.signed
+    eps: float = 1e-5  # floor of the steps
 
     def __post_init__(self, probs_signed):
         _check_bits(self.bits)
+        _check_eps(self.eps)
         if probs_signed:
             raise ValueError("probs_signed was replaced by quant.attn.signed: write quant.attn.signed=true "
                              "(softmax levels {-1, 0, 1}); null = auto ({0, 1, 2})")
+
+
+def _check_head_stem(bits, weight, act) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"quant.head_stem_bits={bits!r} is not supported: use an integer in 2..8 (8 in seed 004) "
+                         "or null")
+    if weight is None and act is None:
+        raise ValueError(f"quant.head_stem_bits={bits} quantizes the stem and head like the other layers: set "
+                         "quant.weight and/or quant.act, or quant.head_stem_bits=null")
+
+
+def _check_groups(groups, dynamic, act, attn) -> None:
+    if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
+        raise ValueError(f"quant.n_groups={groups!r} is not supported: use an integer >= 1 (seed 004: 8) or null")
+    if groups is not None and act is None and attn is None:
+        raise ValueError(f"quant.n_groups={groups} groups input channels: set quant.act (e.g. quant=w4a4) or "
+                         "quant.n_groups=null")
+    if dynamic and groups is None:
+        raise ValueError("quant.dynamic_groups=true assigns channels to groups at run time: set quant.n_groups "
+                         "(e.g. 8) or quant.dynamic_groups=false")
 
 
 def _nested(cls, value, where: str):
@@ -115,6 +144,14 @@ class QuantConfig:
     unsigned: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: false}
     signed: InitVar[list[str] | None] = None  # removed: signed_overrides {pattern: true}
     add_bias: bool = False  # give quantized layers without a bias a zero one (PTQ bias correction folds into it)
+    # stem (Linear/Conv2d layers before the first selected one, module order) and head (after the last one)
+    # are quantized too, with the weight / act settings at this many bits (seed 004: 8); None = left FP
+    head_stem_bits: int | None = None
+    # G >= 1: the inputs of the selected Linear layers that read a LayerNorm output (qat.quant.groups) get G steps
+    # and a channel -> group assignment chosen from per-channel ranges, and with attn the softmax outputs
+    # min(G, heads) steps over their heads; None = act's / attn's own granularity
+    n_groups: int | None = None
+    dynamic_groups: bool = False  # channels pick their group per input instance at run time (IGQ-ViT)
 
     def __post_init__(self, unsigned, signed):
         for old, value in (("unsigned", unsigned), ("signed", signed)):
@@ -128,6 +165,9 @@ class QuantConfig:
             self.modules = _patterns(self.modules, "quant.modules")
         self.exclude = _patterns(self.exclude, "quant.exclude")
         self.signed_overrides = _overrides(self.signed_overrides)
+        if self.head_stem_bits is not None:
+            _check_head_stem(self.head_stem_bits, self.weight, self.act)
+        _check_groups(self.n_groups, self.dynamic_groups, self.act, self.attn)
         if self.learnable_bias and self.act is None:
             raise ValueError("quant.learnable_bias=True adds a bias before the activation quantizer: set quant.act")
 

@@ -59,7 +59,7 @@ class LSQQuantizer(nn.Module):
     def from_config(cls, cfg, signed: bool, **shape) -> "LSQQuantizer":
         """From a QuantizerConfig; `signed` is resolved by the caller, `shape` = channels / ch_axis_ndim / ch_axis."""
         return cls(cfg.bits, signed=signed, symmetric=cfg.symmetric, per_channel=cfg.per_channel,
-                   learnable_offset=cfg.learnable_offset, init=cfg.init, **shape)
+                   learnable_offset=cfg.learnable_offset, init=cfg.init, eps=cfg.eps, **shape)
 
     @property
     def is_initialized(self) -> bool:
@@ -127,7 +127,11 @@ class LSQQuantizer(nn.Module):
 
     def _init_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = x.movedim(self.ch_axis, 0).flatten(1) if self.per_channel else x.reshape(1, -1)  # (channels, n)
-        zero = torch.zeros(len(rows), device=x.device)
+        return self._init_rows(rows)
+
+    def _init_rows(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(step, offset) per row of `rows` (channels, n) by the `init` method."""
+        zero = torch.zeros(len(rows), device=rows.device)
         step = 2 * rows.abs().mean(1) / self.qmax ** 0.5
         if self.init == "minmax":
             lo, hi = rows.amin(1), rows.amax(1)

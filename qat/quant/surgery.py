@@ -1,4 +1,5 @@
 """`quantize_`: swap a model's layers and attention QuantPoints for quantized ones, in place."""
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable, Mapping
@@ -8,6 +9,7 @@ from torch import nn
 
 from qat.models.quant_point import QuantPoint
 from qat.quant.config import QuantConfig
+from qat.quant.groups import GroupQuantizer, post_norm_linears
 from qat.quant.layers import QuantConv2d, QuantLinear
 from qat.quant.quantizers import LSQQuantizer, quantizers
 
@@ -50,7 +52,9 @@ def quantize_(model: nn.Module, config: QuantConfig | Mapping,
     `default_quant_modules`, or every Linear/Conv2d when it has none), minus `config.exclude` and
     those for which `filter_fn(module, name)` is False, become QuantLinear/QuantConv2d with the weight
     and/or input-activation quantizers of the config. With `config.attn`, every attention QuantPoint
-    (kinds q, k, v, attn_probs) becomes an LSQQuantizer. Signedness follows the QuantConfig rule (`_signed`).
+    (kinds q, k, v, attn_probs) becomes an LSQQuantizer. With `config.head_stem_bits`, the Linear/Conv2d layers
+    before the first and after the last selected one (module order: stem and head, `head_stem`) are quantized
+    too, at that many bits. Signedness follows the QuantConfig rule (`_signed`).
     With `config.attn_default_init`, the attention Linear layers are re-initialised first (PyTorch's default).
     """
     if isinstance(config, Mapping):
@@ -87,29 +91,69 @@ def _reset_attention_linears(model: nn.Module, points: dict[str, QuantPoint]) ->
 
 def _quantize_layers(model: nn.Module, config: QuantConfig, layers: dict[str, nn.Module],
                      filter_fn: Callable | None) -> list[str]:
-    """Swap the selected Linear/Conv2d layers for QuantLinear/QuantConv2d; returns their names."""
+    """Swap the selected Linear/Conv2d layers (and the stem / head with head_stem_bits) for QuantLinear /
+    QuantConv2d; returns their names."""
     if config.weight is None and config.act is None:
         return []
-    names = list(layers)
     patterns, where = config.modules, "quant.modules"
     if patterns is None:
         patterns = getattr(model, "default_quant_modules", None) or ["*"]
         where = f"{type(model).__name__}.default_quant_modules"
-    _check_patterns(patterns, names, where)
-    _check_patterns(config.exclude, names, "quant.exclude")
-    non_negative = getattr(model, "non_negative_inputs", [])
+    _check_patterns(patterns, list(layers), where)
+    _check_patterns(config.exclude, list(layers), "quant.exclude")
+    bits = {name: None for name in layers if _matches(name, patterns)}
+    bits.update(dict.fromkeys(head_stem(list(layers), list(bits)), config.head_stem_bits)
+                if config.head_stem_bits is not None else {})
+    grouped = _grouped(model, config, [n for n in bits if bits[n] is None])
     quantized = []
     for name, mod in layers.items():
-        if (not _matches(name, patterns) or _matches(name, config.exclude)
+        if (name not in bits or _matches(name, config.exclude)
                 or (filter_fn is not None and not filter_fn(mod, name))):
             continue
-        cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
         if config.add_bias and mod.bias is None:  # PTQ bias correction folds into it; the recipe rebuilds it
             mod.bias = nn.Parameter(mod.weight.new_zeros(mod.weight.shape[0]))
-        signed = config.act is None or _signed(config, name, config.act.signed, _matches(name, non_negative))
-        _replace(model, name, cls.from_float(mod, config.weight, config.act, signed, config.learnable_bias))
+        _replace(model, name, _quant_layer(model, config, name, mod, bits[name], name in grouped))
         quantized.append(name)
     return quantized
+
+
+def _quant_layer(model: nn.Module, config: QuantConfig, name: str, mod: nn.Module, bits: int | None,
+                 grouped: bool) -> nn.Module:
+    """The QuantLinear / QuantConv2d of `mod` (at `bits`, None: the config's), with a GroupQuantizer input
+    when `grouped`."""
+    cls = QuantLinear if isinstance(mod, nn.Linear) else QuantConv2d
+    weight, act = (_at_bits(c, bits) for c in (config.weight, config.act))
+    signed = act is None or _signed(config, name, act.signed, _matches(name, getattr(model, "non_negative_inputs", [])))
+    new = cls.from_float(mod, weight, act, signed, config.learnable_bias)
+    if grouped:
+        new.act_quantizer = GroupQuantizer.from_config(act, signed, mod.in_features, config.n_groups,
+                                                       config.dynamic_groups).to(mod.weight.device)
+    return new
+
+
+def _grouped(model: nn.Module, config: QuantConfig, selected: list[str]) -> set[str]:
+    """The selected layers whose inputs get group quantizers (quant.n_groups): those after a LayerNorm."""
+    if config.n_groups is None:
+        return set()
+    found = set(post_norm_linears(model)) & set(selected)
+    if not found:
+        raise ValueError(f"quant.n_groups={config.n_groups}: {type(model).__name__} has no selected Linear layer "
+                         "that reads a LayerNorm output (qat.quant.groups.NORM_PAIRS); set quant.n_groups=null")
+    return found
+
+
+def head_stem(names: list[str], selected: list[str]) -> list[str]:
+    """The layers of `names` (module order) before the first and after the last of `selected`: the stem
+    (patch embedding, tokenizer convs, ResNet conv1) and the head (classifier)."""
+    if not selected:
+        return []
+    first, last = names.index(selected[0]), names.index(selected[-1])
+    return names[:first] + names[last + 1:]
+
+
+def _at_bits(cfg, bits: int | None):
+    """`cfg` with `bits` (None: unchanged)."""
+    return cfg if cfg is None or bits is None else dataclasses.replace(cfg, bits=bits)
 
 
 def _quantize_points(model: nn.Module, config: QuantConfig, points: dict[str, QuantPoint],
@@ -126,9 +170,23 @@ def _quantize_points(model: nn.Module, config: QuantConfig, points: dict[str, Qu
         if _matches(name, config.exclude) or (filter_fn is not None and not filter_fn(point, name)):
             continue
         signed = _signed(config, name, config.attn.signed, point.non_negative)
-        _replace(model, name, LSQQuantizer(config.attn.bits, signed=signed, symmetric=config.attn.symmetric).to(device))
+        _replace(model, name, _point_quantizer(model, config, name, point, signed).to(device))
         replaced.append(name)
     return replaced
+
+
+def _point_quantizer(model: nn.Module, config: QuantConfig, name: str, point: QuantPoint, signed: bool) -> nn.Module:
+    """The LSQQuantizer of an attention point; with quant.n_groups, the softmax output's is a GroupQuantizer over
+    the heads (dim -3 of (B, h, N, N)) with min(n_groups, heads) groups."""
+    attn = config.attn
+    if config.n_groups is None or point.kind != "attn_probs":
+        return LSQQuantizer(attn.bits, signed=signed, symmetric=attn.symmetric, eps=attn.eps)
+    owner = model.get_submodule(name.rpartition(".")[0])
+    heads = getattr(owner, "num_heads", None)
+    if not isinstance(heads, int):
+        raise ValueError(f"quant.n_groups with quant.attn groups the heads of {name}, but its attention module "
+                         f"{type(owner).__name__} has no num_heads; set quant.n_groups=null or quant.attn=null")
+    return GroupQuantizer.from_config(attn, signed, heads, min(config.n_groups, heads), config.dynamic_groups, -3)
 
 
 def _describe(cfg) -> str:
