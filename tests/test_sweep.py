@@ -107,7 +107,7 @@ def test_a_finished_teacher_satisfies_the_dependency(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--launcher", "ray"], r"--launcher='ray' is not one of \['joblib', 'local', 'slurm'\]"),
-    (["--budget", "huge"], r"--budget='huge' is not one of \['cpu', 'full', 'short', 'tiny'\]"),
+    (["--budget", "huge"], r"--budget='huge' is not one of \['cpu', 'cpu_long', 'full', 'short', 'tiny'\]"),
     (["--jobs", "2"], r"--jobs=2 needs --launcher joblib"),
 ])
 def test_bad_run_options(tmp_path, args, match):
