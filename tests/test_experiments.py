@@ -149,8 +149,8 @@ def test_dependencies_are_log_configs_without_cycles(tmp_path):
     assert sorted(n for level in levels for n in level) == NAMES
 
 
-@pytest.mark.parametrize("budget,epochs,per_class", [("full", 310, None), ("short", 62, 500), ("tiny", 6, 100), ("cpu", 12, 200),
-                                                       ("cpu_long", 12, 1000)])
+@pytest.mark.parametrize("budget,epochs,per_class", [("full", 310, None), ("short", 62, 500), ("tiny", 6, 100),
+                                                       ("cpu", 12, 200), ("cpu_long", 12, 1000)])
 def test_budget_scales_epochs_and_data_after_the_experiment(tmp_path, budget, epochs, per_class):
     cfg = compose_config(["experiment=log/24269", f"budget={budget}"], tmp_path)
     assert (cfg.trainer.max_epochs, cfg.data.per_class) == (epochs, per_class)
