@@ -76,8 +76,10 @@ def cell(summary: dict | None) -> tuple[str, str]:
     if summary is None:
         return "not run", ""
     minutes = f"{summary['train_seconds'] / 60:.0f} min" if summary.get("train_seconds") is not None else ""
-    if not summary.get("finished") or summary.get("test_acc") is None:
+    if not summary.get("finished"):
         return f"epoch {summary.get('epochs_completed') or 0}, unfinished", minutes
+    if summary.get("test_acc") is None:
+        return "finished, no test_acc (test_after_fit=false?)", minutes
     return f"{float(summary['test_acc']):.2f}", minutes
 
 

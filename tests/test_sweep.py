@@ -286,12 +286,14 @@ def test_collect_gives_each_repro_row_its_mean_seeds_and_findings(tmp_path):
         fake_run(tmp_path, f"repro/act2b_s{seed}", test_acc=plain, train_seconds=3000.0)
     fake_run(tmp_path, "repro/act4b_kd_s0", test_acc=42.0, train_seconds=3900.0)
     fake_run(tmp_path, "repro/act4b_kd_s1", finished=False, epochs_completed=5, test_acc=None, train_seconds=1200.0)
+    fake_run(tmp_path, "repro/fp_s0", test_acc=None)
     sweep.main(["collect", str(tmp_path)])
     text = (tmp_path / "results.md").read_text()
     assert "| Row | Mean | Seed 0 | Seed 1 | Wall time seed 0 | Wall time seed 1 |" in text
     assert "| act2b_kd | 40.50 | 40.00 | 41.00 | 60 min | 61 min |" in text
     assert "| act2b | 35.25 | 35.00 | 35.50 | 50 min | 50 min |" in text
     assert "| act4b_kd |  | 42.00 | epoch 5, unfinished | 65 min | 20 min |" in text
+    assert "| fp |  | finished, no test_acc (test_after_fit=false?) | not run |  |  |" in text
     assert ("- KD helps A2 (act2b_kd vs act2b): holds, diff +5.25, seed spread 1.00 "
             "(log: 24259 90.83 vs 15133 89.48)") in text
     assert "- 4-bit > 2-bit activations (with KD) (act4b_kd vs act2b_kd): not run (log: " in text
