@@ -2,12 +2,16 @@
 
     python sweep.py run 'log/*' --dry-run                     # print the ordered commands
     python sweep.py run log/28353 --with-deps --launcher joblib --budget short trainer=gpu
+    python sweep.py run 'repro/*_s?' --jobs 2 --budget cpu_long  # two runs at once, one thread each
     python sweep.py collect outputs/sweeps/full               # -> results.md, results.csv
 
 Each dependency level (rows whose teachers / init_from runs are finished) is one
 `train.py -m experiment=a,b,...` multirun through the chosen Hydra launcher, so a level runs in parallel
-with joblib or SLURM. Run dirs are stable (<outputs>/sweeps/<budget>/<name>): re-running the same command
-skips rows with a finished summary.json and resumes the others from last.ckpt (resume=auto).
+with joblib or SLURM. With the local launcher and --jobs N > 1, every run is its own train.py process
+(OMP_NUM_THREADS=MKL_NUM_THREADS=1, console output in <sweep dir>/logs/<name>.log), up to N at once, each
+started as soon as its dependencies finished. Run dirs are stable (<outputs>/sweeps/<budget>/<name>):
+re-running the same command skips rows with a finished summary.json and resumes the others from last.ckpt
+(resume=auto). A `zoo:<name>` dependency is not a run: zoo/<name> must exist, else nothing starts.
 Arguments with '=' are passed to train.py as overrides.
 """
 import argparse
@@ -16,13 +20,16 @@ import difflib
 import fnmatch
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from qat import repro, runs
 from qat.report import write_report
 from qat.runs import summaries
 
@@ -32,7 +39,7 @@ BUDGETS = ROOT / "conf" / "budget"
 LAUNCHERS = {"local": "basic", "joblib": "joblib", "slurm": "slurm"}  # --launcher -> hydra/launcher
 COLUMNS = ["Network", "Tricks", "Accuracy", "Run ID", "Output Dir", "Expected", "Diff"]
 CSV_FIELDS = ["name", "network", "tricks", "best_val_acc", "final_val_acc", "test_acc", "expected_acc", "diff",
-              "epochs_completed", "finished", "model", "quant", "kd", "output_dir"]
+              "epochs_completed", "train_seconds", "finished", "model", "quant", "kd", "output_dir"]
 
 
 def experiment_names() -> list[str]:
@@ -66,8 +73,8 @@ def finished_runs(root: Path) -> dict[str, Path]:
     return found
 
 
-def plan(selected: list[str], done: set[str], with_deps: bool, root: Path) -> list[list[str]]:
-    """Dependency levels of the experiments still to run; level k only needs levels < k or `done` runs."""
+def pending(selected: list[str], done: set[str], with_deps: bool, root: Path) -> dict[str, list[str]]:
+    """name -> its experiment dependencies for every experiment still to run; `zoo:` entries are not runs."""
     names = set(experiment_names())
     deps: dict[str, list[str]] = {}
     queue = [n for n in selected if n not in done]
@@ -75,7 +82,7 @@ def plan(selected: list[str], done: set[str], with_deps: bool, root: Path) -> li
         name = queue.pop(0)
         if name in deps:
             continue
-        deps[name] = dependencies(name)
+        deps[name] = [d for d in dependencies(name) if not d.startswith("zoo:")]
         for dep in deps[name]:
             if dep not in names:
                 raise ValueError(f"{name}: depends_on entry {dep!r} is not an experiment config")
@@ -85,15 +92,44 @@ def plan(selected: list[str], done: set[str], with_deps: bool, root: Path) -> li
                 raise ValueError(f"{name} needs {dep}, which has no finished run under {root} and is not part of "
                                  f"this launch: run `python sweep.py run {dep}` first, or add --with-deps")
             queue.append(dep)
-    levels, placed, pending = [], set(done), list(deps)
-    while pending:
-        level = [n for n in pending if all(d in placed for d in deps[n])]
+    return deps
+
+
+def order(deps: dict[str, list[str]], done: set[str]) -> list[list[str]]:
+    """Dependency levels of `deps`; level k only needs levels < k or `done` runs."""
+    levels, placed, todo = [], set(done), list(deps)
+    while todo:
+        level = [n for n in todo if all(d in placed for d in deps[n])]
         if not level:
-            raise ValueError(f"depends_on forms a cycle among {pending}")
+            raise ValueError(f"depends_on forms a cycle among {todo}")
         levels.append(level)
         placed |= set(level)
-        pending = [n for n in pending if n not in placed]
+        todo = [n for n in todo if n not in placed]
     return levels
+
+
+def plan(selected: list[str], done: set[str], with_deps: bool, root: Path) -> list[list[str]]:
+    """Dependency levels of the experiments still to run."""
+    return order(pending(selected, done, with_deps, root), done)
+
+
+def zoo_command(entry: str) -> str:
+    """How to train and publish zoo/<entry> (zoo/README.md)."""
+    recipe = f"experiment=zoo/{entry}" if (EXPERIMENTS / "zoo" / f"{entry}.yaml").is_file() else "<its recipe>"
+    return (f"python train.py {recipe} data.root=data/cifar10/cifar10-jpg hydra.run.dir=outputs/zoo/{entry} && "
+            f"python -m qat.zoo publish outputs/zoo/{entry} {entry}")
+
+
+def missing_zoo(names: list[str]) -> list[str]:
+    """One line per `zoo:` dependency of `names` that the zoo lacks: the row, the entry, the command to train it."""
+    needed: dict[str, list[str]] = {}
+    for name in names:
+        for dep in dependencies(name):
+            if dep.startswith("zoo:") and dep.split(":", 1)[1] not in runs.zoo_names():
+                needed.setdefault(dep.split(":", 1)[1], []).append(name)
+    return [f"{rows[0]}{f' (and {len(rows) - 1} more rows)' if len(rows) > 1 else ''} needs zoo:{entry}, which is "
+            f"not in the zoo ({runs.ZOO}): train and publish it first: {zoo_command(entry)} (zoo/README.md)"
+            for entry, rows in needed.items()]
 
 
 def commands(levels: list[list[str]], sweep_dir: Path, launcher: str, budget: str, jobs: int | None,
@@ -102,7 +138,7 @@ def commands(levels: list[list[str]], sweep_dir: Path, launcher: str, budget: st
     base = [sys.executable, str(ROOT / "train.py"), "-m", f"hydra/launcher={LAUNCHERS[launcher]}", f"budget={budget}",
             f"hydra.sweep.dir={sweep_dir}", "hydra.sweep.subdir=${name}", f"paths.output_root={sweep_dir}",
             "resume=auto"]
-    if jobs is not None:
+    if jobs is not None and launcher == "joblib":
         base.append(f"hydra.launcher.n_jobs={jobs}")
     return [base + [f"experiment={','.join(level)}"] + overrides for level in levels]
 
@@ -116,8 +152,86 @@ def check_run_args(launcher: str, budget: str, jobs: int | None, dry_run: bool) 
     budgets = sorted(p.stem for p in BUDGETS.glob("*.yaml"))
     if budget not in budgets:
         raise ValueError(f"--budget={budget!r} is not one of {budgets}")
-    if jobs is not None and launcher != "joblib":
-        raise ValueError(f"--jobs={jobs} needs --launcher joblib (got {launcher!r})")
+    if jobs is not None and jobs < 1:
+        raise ValueError(f"--jobs={jobs}: give the number of runs at once, 1 or more (default 1)")
+    if jobs is not None and launcher == "slurm":
+        raise ValueError(f"--jobs={jobs} needs --launcher local or joblib (got 'slurm': SLURM schedules the jobs)")
+
+
+def run_command(name: str, sweep_dir: Path, budget: str, overrides: list[str]) -> list[str]:
+    """One run of one experiment in its stable dir <sweep_dir>/<name> (with --jobs N > 1)."""
+    return [sys.executable, str(ROOT / "train.py"), f"experiment={name}", f"budget={budget}",
+            f"hydra.run.dir={sweep_dir / name}", f"paths.output_root={sweep_dir}", "resume=auto", *overrides]
+
+
+def schedule(deps: dict[str, list[str]], launch, jobs: int, wait: float = 10.0) -> dict[str, int | None]:
+    """Start each run once its dependencies among `deps` exited 0, at most `jobs` at a time; `launch(name)` returns
+    a process (poll() is None while it runs). name -> exit code, None where a dependency failed (not started)."""
+    codes: dict[str, int | None] = {}
+    running: dict = {}
+    todo = sorted(deps, key=lambda n: -sum(n in d for d in deps.values()))  # rows that others wait for first
+    while todo or running:
+        for name in list(todo):
+            inner = [d for d in deps[name] if d in deps]
+            if any(d in codes and codes[d] != 0 for d in inner):
+                codes[name] = None
+                todo.remove(name)
+            elif len(running) < jobs and all(codes.get(d) == 0 for d in inner):
+                running[name] = launch(name)
+                todo.remove(name)
+        ended = {n: c for n, c in ((n, p.poll()) for n, p in running.items()) if c is not None}
+        for name, code in ended.items():
+            codes[name] = code
+            del running[name]
+            print(f"# {name} exited {code}", flush=True)
+        if running and not ended:
+            time.sleep(wait)
+    return codes
+
+
+def launcher(sweep_dir: Path, budget: str, overrides: list[str]):
+    """launch(name): a one-thread train.py process of that experiment, its console output in logs/<name>.log."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+    def launch(name: str) -> subprocess.Popen:
+        log = sweep_dir / "logs" / f"{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        print(f"# start {name} (console output: {log})", flush=True)
+        with open(log, "a") as out:
+            return subprocess.Popen(run_command(name, sweep_dir, budget, overrides), stdout=out,
+                                    stderr=subprocess.STDOUT, env=env)
+    return launch
+
+
+def run_jobs(deps: dict[str, list[str]], levels: list[list[str]], sweep_dir: Path, args, overrides: list[str]) -> int:
+    """--jobs N > 1 with the local launcher: every run its own one-thread train.py, N at a time."""
+    for i, level in enumerate(levels):
+        print(f"# level {i}: {' '.join(level)}")
+        for name in level:
+            print("OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 " + shlex.join(run_command(name, sweep_dir, args.budget,
+                                                                                   overrides)), flush=True)
+    if args.dry_run:
+        return 0
+    codes = schedule(deps, launcher(sweep_dir, args.budget, overrides), args.jobs)
+    failed = {n: c for n, c in codes.items() if c != 0}
+    for name, code in failed.items():
+        why = "a dependency failed" if code is None else f"exit {code}, see {sweep_dir / 'logs' / name}.log"
+        print(f"# {name} did not finish ({why}); re-run the same command to resume", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def run_levels(levels: list[list[str]], sweep_dir: Path, args, overrides: list[str]) -> int:
+    """One `train.py -m` multirun per level through the Hydra launcher, in order."""
+    cmds = commands(levels, sweep_dir, args.launcher, args.budget, args.jobs, overrides)
+    for i, (level, cmd) in enumerate(zip(levels, cmds)):
+        print(f"# level {i}: {' '.join(level)}")
+        print(shlex.join(cmd), flush=True)
+        if not args.dry_run:
+            code = subprocess.call(cmd)
+            if code:
+                print(f"# level {i} failed (exit {code}); re-run the same command to resume", file=sys.stderr)
+                return code
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
@@ -129,25 +243,24 @@ def run(args: argparse.Namespace) -> int:
     for name in selected:
         if name in done:
             print(f"# skip {name}: finished ({done[name]})")
-    levels = plan(selected, set(done), args.with_deps, sweep_dir)
-    for name in (n for level in levels for n in level):
+    deps = pending(selected, set(done), args.with_deps, sweep_dir)
+    for problem in missing_zoo(list(deps)):
+        if not args.dry_run:
+            raise ValueError(problem)
+        print(f"# {problem}")
+    for name in deps:
         last = sweep_dir / name / "checkpoints" / "last.ckpt"
         if last.is_file():
             print(f"# resume {name} from {last}")
-    cmds = commands(levels, sweep_dir, args.launcher, args.budget, args.jobs, overrides)
-    for i, (level, cmd) in enumerate(zip(levels, cmds)):
-        print(f"# level {i}: {' '.join(level)}")
-        print(shlex.join(cmd), flush=True)
-        if not args.dry_run:
-            code = subprocess.call(cmd)
-            if code:
-                print(f"# level {i} failed (exit {code}); re-run the same command to resume", file=sys.stderr)
-                return code
-    if not cmds:
+    levels = order(deps, set(done))
+    if not levels:
         print("# nothing to run: every selected experiment has finished")
-    if not args.dry_run and summaries(sweep_dir):
+    parallel = args.launcher == "local" and (args.jobs or 1) > 1
+    code = (run_jobs(deps, levels, sweep_dir, args, overrides) if parallel else
+            run_levels(levels, sweep_dir, args, overrides))
+    if not code and not args.dry_run and summaries(sweep_dir):
         collect(sweep_dir, sweep_dir)
-    return 0
+    return code
 
 
 def fmt(value, sign: bool = False) -> str:
@@ -191,6 +304,10 @@ def collect(root: Path, out: Path, plots: bool = False) -> list[dict]:
     for title, section in (("Experiment log", log_rows), ("Other runs", other)):
         if section:
             text += f"\n## {title}\n\n{markdown(section)}\n"
+    seeded = repro.seed_rows(runs)
+    if seeded:
+        text += (f"\n## Reproduction rows (test accuracy, seeds {repro.SEEDS})\n\n{repro.seed_table(seeded)}\n"
+                 f"\n## The log's findings (qat/repro.py)\n\n{repro.findings_text(seeded)}\n")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
@@ -211,8 +328,9 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="launch experiments (names or globs) in dependency order")
     r.add_argument("experiments", nargs="+", help="names or globs like 'log/*'; key=value = train.py overrides")
     r.add_argument("--launcher", default="local", help=f"one of {sorted(LAUNCHERS)} (default local)")
-    r.add_argument("--jobs", type=int, help="parallel jobs per level with --launcher joblib")
-    r.add_argument("--budget", default="full", help="conf/budget preset: full, short, tiny")
+    r.add_argument("--jobs", type=int, help="runs at once (default 1): local launcher, N > 1: one-thread train.py "
+                   "processes, each started when its dependencies finished; joblib: n_jobs per level")
+    r.add_argument("--budget", default="full", help="conf/budget preset: full, short, tiny, cpu, cpu_long")
     r.add_argument("--outputs", default="outputs", help="outputs root; runs go to <outputs>/sweeps/<budget>")
     r.add_argument("--with-deps", action="store_true", help="also run unfinished teachers / init_from rows")
     r.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")

@@ -113,14 +113,16 @@ class RunSummary(Callback):
         self.path = Path(output_dir) / "summary.json"
         self.meta = meta
         self.history: list[float] = []
+        self.seconds = 0.0  # wall time of the epochs run (training + validation), summed across resumes
         self.epoch_start = time.perf_counter()
         self.summary: dict = {}
 
     def state_dict(self) -> dict:
-        return {"history": self.history}
+        return {"history": self.history, "seconds": self.seconds}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history = list(state_dict["history"])
+        self.seconds = float(state_dict.get("seconds", 0.0))  # checkpoints written before it was recorded: 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.epoch_start = time.perf_counter()
@@ -134,8 +136,10 @@ class RunSummary(Callback):
         train_loss = float(m["train/loss_epoch"]) if "train/loss_epoch" in m else float("nan")
         val = f"{self.history[-1]:.2f} (best {max(self.history):.2f})" if self.history else "-"
         lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        seconds = time.perf_counter() - self.epoch_start
+        self.seconds += seconds
         log.info("epoch %d/%d | train/loss %.4f | val/acc1 %s | lr %.3g | %.1fs", trainer.current_epoch + 1,
-                 trainer.max_epochs, train_loss, val, lr, time.perf_counter() - self.epoch_start)
+                 trainer.max_epochs, train_loss, val, lr, seconds)
 
     @rank_zero_only
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -153,6 +157,7 @@ class RunSummary(Callback):
             "best_val_acc": max(self.history) if self.history else None,
             "final_val_acc": self.history[-1] if self.history else None,
             "epochs_completed": trainer.current_epoch,
+            "train_seconds": round(self.seconds, 1),
             "max_epochs": trainer.max_epochs,
             "status": "finished" if finished else "interrupted",
             "finished": finished,

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from conftest import ROOT, compose_config
 
@@ -148,7 +149,8 @@ def test_dependencies_are_log_configs_without_cycles(tmp_path):
     assert sorted(n for level in levels for n in level) == NAMES
 
 
-@pytest.mark.parametrize("budget,epochs,per_class", [("full", 310, None), ("short", 62, 500), ("tiny", 6, 100), ("cpu", 12, 200)])
+@pytest.mark.parametrize("budget,epochs,per_class", [("full", 310, None), ("short", 62, 500), ("tiny", 6, 100),
+                                                       ("cpu", 12, 200), ("cpu_long", 12, 1000)])
 def test_budget_scales_epochs_and_data_after_the_experiment(tmp_path, budget, epochs, per_class):
     cfg = compose_config(["experiment=log/24269", f"budget={budget}"], tmp_path)
     assert (cfg.trainer.max_epochs, cfg.data.per_class) == (epochs, per_class)
@@ -178,3 +180,37 @@ def test_optuna_search_space(tmp_path):
     assert cfg.hydra.sweeper.direction == "maximize"
     assert set(cfg.hydra.sweeper.params) == {"optim.lr", "optim.weight_decay", "data.aug.mixup"}
     assert cfg.name == "hparams/lr_wd_mixup"  # trials are not runs of the log row (teacher lookups)
+
+
+REPRO_BASE = {"fp": "14289", "act2b": "15133", "act2b_kd": "24259", "act2b_kd_mse2": "24259", "act4b_kd": "25878",
+              "w2_kd": "24220", "w2a2_kd_onestep": "25863", "w2a2_kd_twostep": "25863",
+              "act2b_attn_signed_kd": "25911", "act2b_attn_unsigned_kd": "25997"}
+REPRO = [n for n in sweep.experiment_names() if re.fullmatch(r"repro/.+_s\d", n)]
+
+
+@pytest.mark.parametrize("name", [n for n in sweep.experiment_names() if not n.startswith("log/")])
+def test_every_other_experiment_composes_with_the_cpu_long_budget(tmp_path, name):
+    cfg = compose_config([f"experiment={name}", "budget=cpu_long"], tmp_path)
+    assert cfg.name == name
+    assert (cfg.trainer.max_epochs, cfg.data.per_class, cfg.data.test_per_class) == (12, 1000, None)
+    assert (cfg.data.num_workers, cfg.compile, cfg.data.aug.mixup_off_epoch) == (0, "quantizers", 7)
+
+
+@pytest.mark.parametrize("name", REPRO)
+def test_repro_row_is_its_log_row_with_the_zoo_teacher_and_a_seed(tmp_path, name):
+    row, seed = name.removeprefix("repro/").rsplit("_s", 1)
+    cfg = compose_config([f"experiment={name}"], tmp_path)
+    log_cfg = compose_config([f"experiment=log/{REPRO_BASE[row]}"], tmp_path)
+    assert cfg.seed == int(seed) and cfg.data.seed == int(seed)
+    for key in ("model", "quant", "optim", "data.aug", "kd.teacher.model", "trainer.precision"):
+        assert OmegaConf.select(cfg, key) == OmegaConf.select(log_cfg, key), key
+    assert cfg.kd.loss.mse_alpha == (2.0 if row == "act2b_kd_mse2" else 0.0)
+    kd = cfg.kd.teacher.model is not None
+    assert cfg.kd.teacher.checkpoint == ("zoo:vit_6_4_32" if kd else "auto")
+    two_step = f"repro/act2b_kd_s{seed}"
+    assert cfg.init_from == (f"experiment:{two_step}" if row == "w2a2_kd_twostep" else None)
+    assert list(cfg.depends_on) == ["zoo:vit_6_4_32"] * kd + [two_step] * (row == "w2a2_kd_twostep")
+
+
+def test_every_repro_row_has_two_seeds():
+    assert sorted(REPRO) == sorted(f"repro/{row}_s{seed}" for row in REPRO_BASE for seed in (0, 1))

@@ -1,4 +1,5 @@
-"""sweep.py: dependency order, skip/resume, bad input, collect; a slow end-to-end sweep with joblib."""
+"""sweep.py: dependency order, zoo dependencies, skip/resume, --jobs scheduling, bad input, collect (with the repro
+seed table and verdicts); a slow end-to-end sweep with joblib."""
 import csv
 import json
 import re
@@ -13,6 +14,7 @@ from conftest import ROOT
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # sweep.py lives at the repo root
 import sweep  # noqa: E402
+from qat import repro, runs  # noqa: E402
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -107,8 +109,9 @@ def test_a_finished_teacher_satisfies_the_dependency(tmp_path):
 
 @pytest.mark.parametrize("args,match", [
     (["--launcher", "ray"], r"--launcher='ray' is not one of \['joblib', 'local', 'slurm'\]"),
-    (["--budget", "huge"], r"--budget='huge' is not one of \['cpu', 'full', 'short', 'tiny'\]"),
-    (["--jobs", "2"], r"--jobs=2 needs --launcher joblib"),
+    (["--budget", "huge"], r"--budget='huge' is not one of \['cpu', 'cpu_long', 'full', 'short', 'tiny'\]"),
+    (["--jobs", "0"], r"--jobs=0: give the number of runs at once, 1 or more"),
+    (["--launcher", "slurm", "--jobs", "2"], r"--jobs=2 needs --launcher local or joblib"),
 ])
 def test_bad_run_options(tmp_path, args, match):
     with pytest.raises(ValueError, match=match):
@@ -167,3 +170,131 @@ def test_two_quick_experiments_in_parallel_then_collect_and_resume(tmp_path):
     assert plotted.returncode == 0, plotted.stderr[-3000:]
     report = (sweep_dir / "report" / "report.md").read_text()
     assert (sweep_dir / "report" / "curves.png").stat().st_size > 0 and "smoke/act2b" in report
+
+
+@pytest.mark.parametrize("a,b,margin,label,diff,spread", [
+    ([3.0, 4.0], [1.0, 1.0], 0.0, "holds", 2.5, 1.0),
+    ([1.0, 1.0], [3.0, 4.0], 0.0, "does not hold", -2.5, 1.0),
+    ([1.0, 2.0], [0.0, 0.5], 0.0, "not resolved", 1.25, 1.0),
+    ([2.0, 3.0], [0.5, 0.5], 0.0, "not resolved", 2.0, 1.0),   # exactly twice the spread: not resolved
+    ([0.5, 0.5], [2.0, 3.0], 0.0, "not resolved", -2.0, 1.0),
+    ([90.0, 90.5], [91.0, 91.0], 1.0, "not resolved", -0.75, 0.5),  # 0.75 below, within 1 point: 0.25 < 1.0
+    ([90.0, 90.0], [91.0, 91.0], 1.5, "holds", -1.0, 0.0),      # 1 point below, allowed 1.5
+])
+def test_verdict_against_twice_the_seed_spread(a, b, margin, label, diff, spread):
+    assert repro.verdict(a, b, margin) == (label, diff, spread)
+
+
+def test_findings_name_repro_rows_with_two_seeds():
+    seeded = [n for n in sweep.experiment_names() if re.fullmatch(r"repro/.+_s\d", n)]
+    rows = {n.removeprefix("repro/").rsplit("_s", 1)[0] for n in seeded}
+    for finding in repro.FINDINGS:
+        assert (finding.a is None) == (finding.b is None), finding.claim
+        assert {finding.a, finding.b} - {None} <= rows, finding.claim
+    assert sum(f.a is not None for f in repro.FINDINGS) == 6
+
+
+def empty_zoo(monkeypatch, tmp_path, *entries: str) -> Path:
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    for entry in entries:  # what runs.zoo_names() looks for (tests/test_zoo.py publishes a real one)
+        (zoo / entry).mkdir()
+        (zoo / entry / "summary.json").write_text(json.dumps({"name": f"zoo/{entry}", "finished": True}))
+    monkeypatch.setattr(runs, "ZOO", zoo)
+    return zoo
+
+
+def test_a_missing_zoo_teacher_stops_the_sweep_before_anything_starts(tmp_path, monkeypatch):
+    zoo = empty_zoo(monkeypatch, tmp_path)
+    with pytest.raises(ValueError) as err:
+        sweep.main(["run", "repro/act2b_kd_s0", "repro/fp_s0", "--jobs", "2", "--outputs", str(tmp_path / "out")])
+    assert str(err.value) == (
+        f"repro/act2b_kd_s0 needs zoo:vit_6_4_32, which is not in the zoo ({zoo}): train and publish it first: "
+        "python train.py experiment=zoo/vit_6_4_32 data.root=data/cifar10/cifar10-jpg "
+        "hydra.run.dir=outputs/zoo/vit_6_4_32 && python -m qat.zoo publish outputs/zoo/vit_6_4_32 vit_6_4_32 "
+        "(zoo/README.md)")
+    assert not (tmp_path / "out").exists(), "no run dir, no log: nothing started"
+
+
+def test_a_present_zoo_teacher_is_not_scheduled(tmp_path, monkeypatch, capsys):
+    empty_zoo(monkeypatch, tmp_path, "vit_6_4_32")
+    deps = sweep.pending(["repro/w2a2_kd_twostep_s1"], set(), with_deps=True, root=tmp_path)
+    assert deps == {"repro/w2a2_kd_twostep_s1": ["repro/act2b_kd_s1"], "repro/act2b_kd_s1": []}
+    assert sweep.main(["run", "repro/w2a2_kd_twostep_s1", "--with-deps", "--dry-run", "--outputs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert levels_of(out) == [["repro/act2b_kd_s1"], ["repro/w2a2_kd_twostep_s1"]] and "zoo:vit_6_4_32 " not in out
+
+
+class FakeProcess:
+    """A run that ends with `code` on its `polls`-th poll, recording start and end in `events`."""
+
+    def __init__(self, name: str, events: list, polls: int, code: int = 0):
+        self.name, self.events, self.polls, self.code = name, events, polls, code
+        events.append(("start", name))
+
+    def poll(self):
+        self.polls -= 1
+        if self.polls:
+            return None
+        self.events.append(("end", self.name))
+        return self.code
+
+
+def test_jobs_2_runs_two_at_once_and_starts_a_row_after_its_dependencies():
+    deps = {"a": [], "b": [], "c": ["a"], "d": ["c", "b"], "e": []}
+    polls, events = {"a": 1, "b": 3, "c": 1, "d": 1, "e": 1}, []
+    codes = sweep.schedule(deps, lambda n: FakeProcess(n, events, polls[n]), jobs=2, wait=0)
+    assert codes == {"a": 0, "c": 0, "b": 0, "e": 0, "d": 0}
+    assert events == [("start", "a"), ("start", "b"), ("end", "a"), ("start", "c"), ("end", "c"), ("start", "e"),
+                      ("end", "b"), ("end", "e"), ("start", "d"), ("end", "d")]
+
+
+def test_a_failed_run_skips_its_dependents_and_the_others_go_on():
+    deps = {"a": [], "c": ["a"], "d": ["c"], "e": []}
+    events = []
+    launch = lambda n: FakeProcess(n, events, 1, code=3 if n == "a" else 0)  # noqa: E731
+    assert sweep.schedule(deps, launch, jobs=2, wait=0) == {"a": 3, "e": 0, "c": None, "d": None}
+    assert ("start", "c") not in events and ("start", "d") not in events
+
+
+def test_each_parallel_run_gets_one_thread_and_its_own_log(tmp_path, monkeypatch):
+    monkeypatch.setattr(sweep, "run_command", lambda name, *args: [
+        sys.executable, "-c", "import os, sys; print(os.environ['OMP_NUM_THREADS'], os.environ['MKL_NUM_THREADS'], "
+        "sys.argv[1])", name])
+    assert sweep.launcher(tmp_path, "cpu_long", [])("repro/fp_s0").wait() == 0
+    assert (tmp_path / "logs" / "repro" / "fp_s0.log").read_text() == "1 1 repro/fp_s0\n"
+
+
+def test_jobs_2_dry_run_prints_one_resumable_command_per_run(tmp_path, monkeypatch, capsys):
+    empty_zoo(monkeypatch, tmp_path, "vit_6_4_32")
+    sweep_dir = tmp_path.resolve() / "sweeps" / "cpu_long"
+    fake_run(sweep_dir, "repro/act2b_kd_s0")
+    assert sweep.main(["run", "repro/act2b_kd_s0", "repro/w2a2_kd_twostep_s0", "repro/fp_s0", "--jobs", "2",
+                       "--budget", "cpu_long", "--dry-run", "--outputs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "# skip repro/act2b_kd_s0: finished" in out
+    assert levels_of(out) == [["repro/w2a2_kd_twostep_s0", "repro/fp_s0"]]
+    command = next(line for line in out.splitlines() if "experiment=repro/fp_s0" in line)
+    assert command == (f"OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 {sys.executable} {ROOT / 'train.py'} "
+                       f"experiment=repro/fp_s0 budget=cpu_long hydra.run.dir={sweep_dir}/repro/fp_s0 "
+                       f"paths.output_root={sweep_dir} resume=auto")
+
+
+def test_collect_gives_each_repro_row_its_mean_seeds_and_findings(tmp_path):
+    for seed, (kd, plain) in enumerate([(40.0, 35.0), (41.0, 35.5)]):
+        fake_run(tmp_path, f"repro/act2b_kd_s{seed}", test_acc=kd, train_seconds=3600.0 + 60 * seed)
+        fake_run(tmp_path, f"repro/act2b_s{seed}", test_acc=plain, train_seconds=3000.0)
+    fake_run(tmp_path, "repro/act4b_kd_s0", test_acc=42.0, train_seconds=3900.0)
+    fake_run(tmp_path, "repro/act4b_kd_s1", finished=False, epochs_completed=5, test_acc=None, train_seconds=1200.0)
+    fake_run(tmp_path, "repro/fp_s0", test_acc=None)
+    sweep.main(["collect", str(tmp_path)])
+    text = (tmp_path / "results.md").read_text()
+    assert "| Row | Mean | Seed 0 | Seed 1 | Wall time seed 0 | Wall time seed 1 |" in text
+    assert "| act2b_kd | 40.50 | 40.00 | 41.00 | 60 min | 61 min |" in text
+    assert "| act2b | 35.25 | 35.00 | 35.50 | 50 min | 50 min |" in text
+    assert "| act4b_kd |  | 42.00 | epoch 5, unfinished | 65 min | 20 min |" in text
+    assert "| fp |  | finished, no test_acc (test_after_fit=false?) | not run |  |  |" in text
+    assert ("- KD helps A2 (act2b_kd vs act2b): holds, diff +5.25, seed spread 1.00 "
+            "(log: 24259 90.83 vs 15133 89.48)") in text
+    assert "- 4-bit > 2-bit activations (with KD) (act4b_kd vs act2b_kd): not run (log: " in text
+    assert "- a stronger teacher helps weight-quantized but not activation-quantized students: not run" in text

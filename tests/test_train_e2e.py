@@ -7,6 +7,7 @@ import torch
 from hydra.errors import ConfigCompositionException
 
 from qat import load_model
+from qat.callbacks import RunSummary
 from qat.quant import QuantLinear, kernels, quantizers
 from qat.run import train
 
@@ -57,6 +58,7 @@ def test_run_writes_checkpoints_metrics_and_summary(make_cfg):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs_completed"] == 2 and summary["finished"] is True
+    assert isinstance(summary["train_seconds"], float) and summary["train_seconds"] > 0  # sweep.py collect's wall time
     assert summary["model"] == "vit_2_4_32" and summary["quant"] is None and summary["kd"] == "none"
     assert summary["output_dir"] == str(out) and "trainer.max_epochs=2" in summary["overrides"]
     assert 0 <= summary["final_val_acc"] <= summary["best_val_acc"] <= 100
@@ -121,3 +123,11 @@ def test_kd_chain_fp_then_4bit_then_2bit(make_cfg, tmp_path):
     assert a4["teacher"]["quant"] is None and a4["teacher"]["checkpoint"].startswith(str(tmp_path / "fp"))
     assert a2["teacher"]["quant"]["act"]["bits"] == 4 and a2["teacher"]["checkpoint"].startswith(str(tmp_path / "a4"))
     assert a2["quant"]["act"]["bits"] == 2 and a2["finished"]
+
+
+def test_run_summary_carries_its_wall_time_across_a_resume(tmp_path):
+    summary = RunSummary(tmp_path, meta={})
+    summary.load_state_dict({"history": [10.0], "seconds": 61.5})
+    assert summary.state_dict() == {"history": [10.0], "seconds": 61.5}
+    summary.load_state_dict({"history": [10.0]})  # a checkpoint from before the wall time was recorded
+    assert summary.seconds == 0.0
