@@ -25,6 +25,7 @@ from qat.export.integer import live, to_integer
 from qat.export.onnx_qdq import DEFAULT_OPSET, check_opset, export_onnx, ort_logits, ort_session
 from qat.export.packing import format_report, pack_model
 from qat.quant import QuantConv2d, QuantLinear, quantizers
+from qat.quant.groups import GroupQuantizer
 from qat.runs import resolve
 
 FORMATS = ("int", "packed", "onnx", "all")
@@ -71,13 +72,17 @@ def check_request(model: nn.Module, formats: set[str], opset: int, int4: bool, s
 
 
 def check_per_tensor_inputs(model: nn.Module, source: str) -> None:
-    """An integer matmul needs one activation step per input tensor: refuse per-channel input quantizers."""
-    per_channel = [n for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))
-                   and getattr(live(m.act_quantizer), "per_channel", False)]
+    """An integer matmul needs one activation step per input tensor: refuse per-channel / group input quantizers."""
+    per_channel = [(n, live(m.act_quantizer)) for n, m in model.named_modules()
+                   if isinstance(m, (QuantLinear, QuantConv2d)) and getattr(live(m.act_quantizer), "per_channel", False)]
     if per_channel:
-        raise ValueError(f"layer {per_channel[0]} of {source} has per-channel activation steps: an integer matmul "
-                         "needs one step per input tensor (each input channel would need its own rescale inside the "
-                         "sum); re-run PTQ with ptq.act_granularity=layer, or evaluate it as fake-quant with eval.py")
+        name, q = per_channel[0]
+        grouped = isinstance(q, GroupQuantizer)
+        kind, fix = ("group-wise (quant.n_groups)", "ptq.n_groups=null") if grouped else (
+            "per-channel", "ptq.act_granularity=layer")
+        raise ValueError(f"layer {name} of {source} has {kind} activation steps: an integer matmul needs one step "
+                         "per input tensor (each input channel would need its own rescale inside the sum); re-run "
+                         f"PTQ with {fix}, or evaluate it as fake-quant with eval.py")
 
 
 def has_weight_codes(model: nn.Module) -> bool:
