@@ -73,8 +73,8 @@ def check_request(model: nn.Module, formats: set[str], opset: int, int4: bool, s
 
 def check_per_tensor_inputs(model: nn.Module, source: str) -> None:
     """An integer matmul needs one activation step per input tensor: refuse per-channel / group input quantizers."""
-    per_channel = [(n, live(m.act_quantizer)) for n, m in model.named_modules()
-                   if isinstance(m, (QuantLinear, QuantConv2d)) and getattr(live(m.act_quantizer), "per_channel", False)]
+    inputs = [(n, live(m.act_quantizer)) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantConv2d))]
+    per_channel = [(n, q) for n, q in inputs if getattr(q, "per_channel", False)]
     if per_channel:
         name, q = per_channel[0]
         grouped = isinstance(q, GroupQuantizer)
