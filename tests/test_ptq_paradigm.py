@@ -76,6 +76,7 @@ LEARNT = {  # learnt set -> (act step, weight step, codes, bias) expected to cha
     ("alpha", "xi", "eta"): (False, True, True, True),
     ("s_x", "b"): (True, False, False, True),
     ("s_w", "w"): (False, True, None, False),
+    ("alpha", "s_w"): (False, True, True, False),
 }
 
 
@@ -172,3 +173,18 @@ def test_weight_mse_needs_no_data_and_lowers_the_weight_error():
     reconstruct_(model, [], ReconConfig(rounding="nearest", learn=("s_w",), objective="weight_mse", granularity="layer",
                                         iters=200, step_lr=1e-3))
     assert error() < 0.8 * before
+
+
+def test_case_2_1_learns_the_quant_step_with_the_dequant_step_frozen():
+    model, x = toy("linear", per_channel=True)
+    layer = model[0]
+    step = layer.weight_quantizer.step.detach().clone()
+    rw = attach_(layer, "adaround", ("alpha", "s_w"), decoupled=True)
+    assert rw.s_dq is not None and rw.dq_step() is rw.s_dq
+    with quantizers_off(model):
+        y = model(x)
+    layer.weight_quantizer = rw.quantizer[0]  # fit_unit attaches again, from the LSQ quantizer
+    with torch.enable_grad():
+        fit_unit(model.eval(), x, y, ReconConfig(learn=("alpha", "s_w"), decoupled=True, granularity="layer",
+                                                 iters=30, step_lr=1e-2))
+    torch.testing.assert_close(layer.weight_quantizer.step.detach(), step)  # de-quant step = the frozen s_w'

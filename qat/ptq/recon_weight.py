@@ -6,9 +6,10 @@
 `ReconWeight` replaces a layer's LSQ weight quantizer while a unit is reconstructed: it computes the weight
 xi * (codes * s_w' + offset) (xi per output channel has the shape of the step: per channel with per-channel
 weights, one scalar with per-tensor ones) and a forward hook adds eta to the layer output. s_w' is s_w itself
-unless `s_w_dq` is learnt (decoupled). Only what is learnt gets gradients. `fold_` writes the hard codes into
-the weight, xi * s_w' (and xi * offset) into the LSQ step (offset), eta into the bias, and puts the LSQ
-quantizer back: an ordinary quantized layer with the same state_dict keys and no extra op (formula 9).
+unless decoupled (`decoupled`, or `s_w_dq` learnt): then a tensor of its own, starting at s_w. Only what is
+learnt gets gradients. `fold_` writes the hard codes into the weight, xi * s_w' (and xi * offset) into the LSQ
+step (offset), eta into the bias, and puts the LSQ quantizer back: an ordinary quantized layer with the same
+state_dict keys and no extra op (formula 9).
 """
 import torch
 from torch import nn
@@ -29,12 +30,13 @@ def _ste(v: torch.Tensor, fn) -> torch.Tensor:
 class ReconWeight(nn.Module):
     """A layer's weight in the general form, with the step / offset of its LSQ quantizer `q` as the start."""
 
-    def __init__(self, q: LSQQuantizer, layer: nn.Module, rounding: str, learn: tuple[str, ...]):
+    def __init__(self, q: LSQQuantizer, layer: nn.Module, rounding: str, learn: tuple[str, ...],
+                 decoupled: bool = False):
         super().__init__()
         step = q.step.detach().clamp_min(q.eps)
         self.register_buffer("shift", torch.zeros_like(step) if q.offset is None else q.offset.detach().clone())
         self.s_w = nn.Parameter(step.clone(), requires_grad=False)
-        self.s_dq = nn.Parameter(step.clone(), requires_grad=False) if "s_w_dq" in learn else None
+        self.s_dq = nn.Parameter(step.clone(), requires_grad=False) if decoupled or "s_w_dq" in learn else None
         self.xi = nn.Parameter(torch.ones_like(step), requires_grad=False) if "xi" in learn else None
         self.eta = nn.Parameter(torch.zeros(layer.weight.shape[0], device=step.device),
                                 requires_grad=False) if "eta" in learn else None
@@ -82,12 +84,13 @@ class ReconWeight(nn.Module):
             self.xi.copy_(torch.maximum(self.xi, (self.eps / base).clamp_min(XI_MIN)))
 
 
-def attach_(layer: nn.Module, rounding: str = "adaround", learn: tuple[str, ...] = ("alpha",)) -> ReconWeight:
+def attach_(layer: nn.Module, rounding: str = "adaround", learn: tuple[str, ...] = ("alpha",),
+            decoupled: bool = False) -> ReconWeight:
     """Swap `layer.weight_quantizer` (an initialised LSQQuantizer) for a ReconWeight."""
     if "eta" in learn and layer.bias is None:
         raise ValueError("ptq.recon.learn has eta, which folds into the bias, but the layer has none: quantize with "
                          "QuantConfig(add_bias=True) (ptq.py does) or drop eta")
-    rw = ReconWeight(layer.weight_quantizer, layer, rounding, learn)
+    rw = ReconWeight(layer.weight_quantizer, layer, rounding, learn, decoupled)
     layer.weight_quantizer = rw
     return rw
 

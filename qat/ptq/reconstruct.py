@@ -38,6 +38,7 @@ class ReconConfig:
     """Reconstruction settings (the `ptq.recon.*` keys). The defaults are AdaRound with the input steps learnt."""
     rounding: str = "adaround"  # nearest | adaround
     learn: tuple = ("alpha", "s_x")  # subset of LEARNABLE
+    decoupled: bool = False  # de-quantize with a step s_w' of its own (frozen unless s_w_dq is learnt)
     granularity: str = "block"  # layer | block | network
     objective: str = "output_mse"  # weight_mse | output_mse | ce (labels; network)
     drop_prob: float = 0.0  # QDrop: each activation element stays FP with this probability while fitting
@@ -175,7 +176,7 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor
     for p in frozen:
         p.requires_grad_(False)
     layers = [m for m in unit.modules() if has_weight_quantizer(m)]
-    weights = [attach_(m, cfg.rounding, cfg.learn) for m in layers]
+    weights = [attach_(m, cfg.rounding, cfg.learn, cfg.decoupled) for m in layers]
     acts = [q for q in unit.modules() if isinstance(q, LSQQuantizer) and q.enabled]
     opt = torch.optim.Adam(param_groups(layers, weights, acts, cfg))
     schedule = BetaSchedule(cfg.iters, cfg.warmup, *cfg.beta)
