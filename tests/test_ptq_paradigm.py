@@ -1,8 +1,14 @@
 """Seed 003's general form: each learnt set trains exactly its tensors, folding is exact and free, QDrop drops."""
+import dataclasses
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from torch import nn
 
+from qat.ptq import pipeline, reconstruct
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
 from qat.ptq.recon_weight import ReconWeight, attach_, fold_
@@ -11,6 +17,7 @@ from qat.models import create_model
 from qat.quant import LSQQuantizer, QuantConfig, quantize_, quantizers_off
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny ops: threads only cost on a shared CPU
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def toy(kind: str, per_channel: bool, offset: bool = False, act_bits=4):
@@ -188,3 +195,53 @@ def test_case_2_1_learns_the_quant_step_with_the_dequant_step_frozen():
         fit_unit(model.eval(), x, y, ReconConfig(learn=("alpha", "s_w"), decoupled=True, granularity="layer",
                                                  iters=30, step_lr=1e-2))
     torch.testing.assert_close(layer.weight_quantizer.step.detach(), step)  # de-quant step = the frozen s_w'
+
+
+PRESETS = {  # seed 003's cases: what the optimizer trains, the unit, QDrop
+    "brecq": ({"alpha"}, "block", 0.0), "adaround": ({"alpha", "s_x"}, "block", 0.0),
+    "qdrop": ({"alpha", "s_x"}, "block", 0.5), "nwq": ({"alpha", "s_x"}, "network", 0.5),
+    "case2_2": ({"alpha", "s_x", "s_w_dq"}, "network", 0.5),
+    "adaqtransform": ({"alpha", "s_x", "xi", "eta"}, "block", 0.5),
+    "adaqtransform_nwq": ({"alpha", "s_x", "xi", "eta"}, "network", 0.5),
+}
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_each_preset_trains_exactly_its_set(preset, monkeypatch):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = pipeline.recon_config(compose("ptq", overrides=[f"ptq={preset}", "ckpt=x"]).ptq)
+    learn, granularity, drop = PRESETS[preset]
+    assert (cfg.granularity, cfg.drop_prob, cfg.rounding) == (granularity, drop, "adaround")
+    seen = []
+    monkeypatch.setattr(reconstruct.torch.optim, "Adam", lambda groups: seen.append(groups) or torch.optim.SGD(
+        groups, lr=0.0))
+    model, x = toy("linear", per_channel=True)
+    with quantizers_off(model):
+        y = model(x)
+    with torch.enable_grad():
+        fit_unit(model.eval(), x, y, dataclasses.replace(cfg, iters=1))
+    groups = {g["name"]: g["params"] for g in seen[0]}
+    assert set(groups) == learn
+    shapes = {"alpha": (12, 24), "s_x": (1,), "s_w_dq": (12, 1), "xi": (12, 1), "eta": (12,)}
+    for name, params in groups.items():
+        assert [tuple(p.shape) for p in params] == [shapes[name]], name
+    if "s_x" in groups:
+        assert groups["s_x"][0] is model[0].act_quantizer.step  # LSQ on the layer's own input step
+
+
+def test_identity_transform_reproduces_adaround_exactly():
+    model, x = toy("linear", per_channel=True)
+    layer, q = model[0], model[0].weight_quantizer
+    plain = ReconWeight(q, layer, "adaround", ("alpha",))
+    general = ReconWeight(q, layer, "adaround", ("alpha", "xi", "eta", "s_w_dq"))  # xi = 1, eta = 0, s_w' = s_w
+    torch.manual_seed(3)
+    with torch.no_grad():
+        general.alpha.copy_(torch.randn_like(general.alpha))
+        plain.alpha.copy_(general.alpha)
+        assert torch.equal(general(layer.weight), plain(layer.weight))
+        layer.weight_quantizer = plain
+        out = model(x)
+        general.handle = layer.register_forward_hook(general._add_eta)
+        layer.weight_quantizer = general
+        assert torch.equal(model(x), out)

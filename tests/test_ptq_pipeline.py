@@ -113,6 +113,8 @@ def test_already_quantized_checkpoint_is_refused(fp_run, tmp_path):
      r"ptq.recon.objective=ce needs labels .* ptq.recon.granularity=network"),
     (["ptq=qdrop", "ptq.recon.drop_prob=1.5"], ValueError, r"ptq.recon.drop_prob=1.5: use a probability"),
     (["ptq=adaround", "ptq.recon.rounding=nearest"], ValueError, r"learn alpha exactly when ptq.recon.rounding"),
+    (["ptq.recon.rounding=nearest", "ptq.recon.learn=[xi,eta]"], ValueError,
+     r"ptq.recon.learn has \['xi', 'eta'\] but ptq.recon.enabled=false: .* ptq.recon.enabled=true"),
     (["quant=fp"], ValueError, r"quant=fp quantizes nothing"),
     (["ptq.recon=adaround"], ValueError, r"ptq.recon='adaround': reconstruction is the ptq.recon.\* group now"),
 ])

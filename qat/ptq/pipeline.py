@@ -99,6 +99,10 @@ def recon_config(ptq: DictConfig) -> ReconConfig | None:
                          "(ptq=adaround, brecq, qdrop, nwq, case2_2, adaqtransform) or set ptq.recon.enabled=true")
     settings = as_dict(recon)
     if not settings.pop("enabled"):
+        asked = [k for k in ("xi", "eta", "s_w_dq") if k in settings.get("learn", ())]
+        if asked:
+            raise ValueError(f"ptq.recon.learn has {asked} but ptq.recon.enabled=false: they are only learnt by "
+                             "reconstruction; set ptq.recon.enabled=true (e.g. ptq=adaqtransform) or drop them")
         return None
     unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(ReconConfig)})
     if unknown:
