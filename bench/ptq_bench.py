@@ -110,6 +110,31 @@ def adaround_speed(iters: int, batch: int) -> list[dict]:
     return rows
 
 
+def vit_block_speed(iters: int, batch: int, name: str = "vit_6_4_32") -> list[dict]:
+    """Block reconstruction iterations/s of `name` at W4A4 (per-channel weights, per-tensor inputs) for the
+    BRECQ and AdaQTransform sets, and the whole model's fitting time at 1000 iterations per unit from it."""
+    rows = []
+    for label, learn, drop in (("brecq", ("alpha",), 0.0), ("adaqtransform", ("alpha", "s_x", "xi", "eta"), 0.5)):
+        torch.manual_seed(0)
+        config = QuantConfig(weight={"bits": 4, "per_channel": True}, act={"bits": 4}, add_bias=True)
+        model = quantize_(create_model(name).eval(), config)
+        batches = list(torch.randn(4 * batch, 3, 32, 32, generator=torch.Generator().manual_seed(1)).split(batch))
+        calibrate(model, batches, create_observer("minmax"))
+        todo = units(model, "block")
+        unit = dict(todo)["classifier.blocks.0"]
+        with quantizers_off(model):
+            targets = capture(model, unit, batches, output=True)
+        inputs = capture(model, unit, batches, output=False)
+        cfg = ReconConfig(learn=learn, drop_prob=drop, iters=iters, batch_size=batch)
+        start = time.perf_counter()
+        with torch.enable_grad():
+            fit_unit(unit, inputs, targets, cfg)
+        rate = iters / (time.perf_counter() - start)
+        rows.append({"model": name, "set": label, "batch": batch, "block_it_s": rate, "units": len(todo),
+                     "model_min_at_1000_it": len(todo) * 1000 / rate / 60})
+    return rows
+
+
 def recon_scaling(models: list[str], iters: list[int], n: int) -> list[dict]:
     """Seconds of layer-wise reconstruct_ (W4) for each model (number of layers) x iterations."""
     rows = []
@@ -147,27 +172,46 @@ def method_label(summary: dict) -> str:
 
 
 def collect(root: str) -> str:
-    """The seed's tables (method rows; W8A32..W2A32 and W32A8..W32A2 columns) from the summary.json files
-    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell."""
-    cells, fp = {}, {}
+    """The seed's tables (method rows; W8A32..W2A32, W32A8..W32A2 and WxAy columns) from the summary.json files
+    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell; then the final
+    reconstruction loss of every unit for the runs that reconstructed."""
+    cells, fp, losses = {}, {}, {}
     for path in sorted(Path(root).rglob("summary.json")):
         s = json.loads(path.read_text())
         bits = s["bits"]
         col = f"W{bits['weight'] or 32}A{bits['act'] or 32}"
         cells[(s["model"], method_label(s), col)] = f"{s['quant_acc']:.2f} ({s['total_time_s']:.0f}s)"
         fp[s["model"]] = s["fp_acc"]
+        if "recon" in s:
+            losses[(s["model"], col, method_label(s))] = {u: r["rec_loss"] for u, r in s["recon"]["units"].items()}
     out = []
     for model in sorted(fp):
-        for cols in ([f"W{b}A32" for b in range(8, 1, -1)], [f"W32A{b}" for b in range(8, 1, -1)]):
-            rows = sorted({m for (mod, m, c) in cells if mod == model and c in cols})
-            if not rows:
-                continue
-            header = "| Method | W32A32 | " + " | ".join(cols) + " |"
-            out += [f"#### {model}", "", header, "|---" * (len(cols) + 2) + "|"]
-            out += [f"| {m} | {fp[model]:.2f} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |"
-                    for m in rows]
-            out.append("")
+        both = sorted({c for (mod, _, c) in cells if mod == model and "32" not in c}, reverse=True)
+        for cols in ([f"W{b}A32" for b in range(8, 1, -1)], [f"W32A{b}" for b in range(8, 1, -1)], both):
+            out += _table(model, fp[model], cells, cols)
+    for (model, col), rows in _group(losses).items():
+        units = list(dict.fromkeys(u for r in rows.values() for u in r))
+        out += [f"#### {model} {col}: final reconstruction loss per unit", "", "| Method | " + " | ".join(units) + " |",
+                "|---" * (len(units) + 1) + "|"]
+        out += [f"| {m} | " + " | ".join(f"{r[u]:.3g}" if u in r else "" for u in units) + " |" for m, r in rows.items()]
+        out.append("")
     return "\n".join(out)
+
+
+def _table(model: str, fp: float, cells: dict, cols: list[str]) -> list[str]:
+    rows = sorted({m for (mod, m, c) in cells if mod == model and c in cols})
+    if not rows:
+        return []
+    lines = [f"#### {model}", "", "| Method | W32A32 | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    lines += [f"| {m} | {fp:.2f} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |" for m in rows]
+    return lines + [""]
+
+
+def _group(losses: dict) -> dict:
+    grouped = {}
+    for (model, col, method), units in sorted(losses.items()):
+        grouped.setdefault((model, col), {})[method] = units
+    return grouped
 
 
 def main(argv=None) -> dict:
@@ -183,6 +227,7 @@ def main(argv=None) -> dict:
     small = args.smoke
     result = {"calibration": calibration_times(64 if small else 1024),
               "adaround": adaround_speed(5 if small else 200, 8 if small else 32),
+              "vit_block": vit_block_speed(3 if small else 50, 8 if small else 32, "vit_2_4_32" if small else "vit_6_4_32"),
               "scaling": recon_scaling(["resnet20"] if small else ["resnet20", "resnet32"],
                                        [2, 4] if small else [50, 100], 32 if small else 256)}
     out = Path(args.out)

@@ -121,3 +121,23 @@ def test_compile_smoke(tmp_path):
     quantizer_op.main(["--smoke", "--out", str(tmp_path), "--compile"])
     variants = json.loads((tmp_path / "quantizer_op.json").read_text())["cases"][0]["variants"]
     assert {"ours+kernels", "ours+compile"} <= set(variants)
+
+
+def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
+    from bench.ptq_bench import collect
+    base = {"observer": {"name": "mse"}, "granularity": "channel", "awq": False, "bias_correct": False}
+    recon = {"enabled": True, "learn": ["alpha", "s_x", "xi", "eta"], "granularity": "block", "drop_prob": 0.5}
+    runs = {"a": ({"weight": 4, "act": None}, {**base, "recon": {"enabled": False}}, 61.0, None),
+            "b": ({"weight": 2, "act": 2}, {**base, "recon": {"enabled": False}}, 12.5, None),
+            "c": ({"weight": 2, "act": 2}, {**base, "recon": recon}, 30.25, {"layer1.0": 0.5, "fc": 2.0})}
+    for name, (bits, method, acc, units) in runs.items():
+        (tmp_path / name).mkdir()
+        summary = {"model": "resnet20", "bits": bits, "method": method, "quant_acc": acc, "fp_acc": 62.0,
+                   "total_time_s": 3.0, **({"recon": {"units": {u: {"rec_loss": v} for u, v in units.items()}}}
+                                           if units else {})}
+        (tmp_path / name / "summary.json").write_text(json.dumps(summary))
+    text = collect(str(tmp_path))
+    assert "| PTQ/mse_channel | 62.00 | " in text and "61.00 (3s)" in text
+    assert "| Method | W32A32 | W2A2 |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5]/mse_channel | 62.00 | 30.25 (3s) |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5]/mse_channel | 0.5 | 2 |" in text
