@@ -8,23 +8,26 @@ ZOO=${1:-resnet20_short}
 shift || true
 TABLES=${*:-recon weights acts dfq}
 DATA=${DATA:-data.root=data/cifar10/cifar10-jpg}
-RECON_ITERS=${RECON_ITERS:-200}       # per block; network-wise presets get 4x (one unit instead of 11)
+PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
+RECON_ITERS=${RECON_ITERS:-200}       # per unit, block- and network-wise alike (the papers: 20k per unit)
+RECON_BITS=${RECON_BITS:-w4a4 w3a3 w2a2}
 
 cell() {  # table quant ptq [overrides...]
   local table=$1 quant=$2 ptq=$3; shift 3
   local dir="outputs/tables/$ZOO/$table/$quant-$ptq${*:+-$(echo "$*" | tr ' =/' '_:-')}"
   if grep -qs '"finished": true' "$dir/summary.json"; then return; fi
   echo "== $dir"
-  python ptq.py "ckpt=zoo:$ZOO" "$DATA" "quant=$quant" "ptq=$ptq" "hydra.run.dir=$dir" "$@"
+  "$PYTHON" ptq.py "ckpt=zoo:$ZOO" "$DATA" "quant=$quant" "ptq=$ptq" "hydra.run.dir=$dir" "$@"
 }
 
 for table in $TABLES; do
   case $table in
-    recon)  # seed 003's presets at W4A4 and W2A4 from the same mse_channel start
-      for q in w4a4 w2a4; do
+    recon)  # seed 003's presets from the same mse_channel start (weights per channel, inputs per tensor)
+      for q in $RECON_BITS; do
         cell recon "$q" mse_channel ptq.act_granularity=layer
-        for p in adaround brecq qdrop adaqtransform; do cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS"; done
-        for p in nwq case2_2 adaqtransform_nwq; do cell recon "$q" "$p" ptq.recon.iters=$((4 * RECON_ITERS)); done
+        for p in brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq; do
+          cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS"
+        done
       done ;;
     weights)
       for q in w8a32 w6a32 w4a32 w3a32 w2a32; do
