@@ -38,8 +38,8 @@ for table in $TABLES; do
       for q in w32a8 w32a6 w32a4 w32a3 w32a2; do
         for p in minmax_layer mse_layer percentile aciq_layer omse minmax_channel; do cell acts "$q" "$p"; done
       done ;;
-    dfq)  # seed 001: DFQ without data vs plain min/max per layer
-      for q in w8a8 w6a8 w4a8; do
+    dfq)  # seed 001: DFQ (no data at all for weight-only cells; inputs still calibrate on images) vs min/max per layer
+      for q in w8a32 w6a32 w4a32 w8a8 w4a8; do
         cell dfq "$q" minmax_layer
         cell dfq "$q" dfq
       done ;;
