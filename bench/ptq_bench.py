@@ -165,7 +165,7 @@ def method_label(summary: dict) -> str:
     prefix = "PTQ/"
     if recon and recon.get("enabled"):
         drop = f",drop{recon['drop_prob']:g}" if recon["drop_prob"] else ""
-        prefix = f"recon[{'+'.join(recon['learn'])},{recon['granularity']}{drop}]/"
+        prefix = f"recon[{'+'.join(recon['learn'])},{recon['granularity']}{drop},{recon['iters']}it]/"
     name = prefix + ("awq" if ptq["awq"] else obs) + ("+cle" if ptq.get("cle") else "")
     correction = {True: "+bias_correct", "empirical": "+bias_correct", "bn_stats": "+bn_stats_bias"}
     return name + correction.get(ptq["bias_correct"], "")

@@ -11,6 +11,7 @@ DATA=${DATA:-data.root=data/cifar10/cifar10-jpg}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 RECON_ITERS=${RECON_ITERS:-200}       # per unit, block- and network-wise alike (the papers: 20k per unit)
 RECON_BITS=${RECON_BITS:-w4a4 w3a3 w2a2}
+RECON_PRESETS=${RECON_PRESETS:-brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq}
 
 cell() {  # table quant ptq [overrides...]
   local table=$1 quant=$2 ptq=$3; shift 3
@@ -25,7 +26,7 @@ for table in $TABLES; do
     recon)  # seed 003's presets from the same mse_channel start (weights per channel, inputs per tensor)
       for q in $RECON_BITS; do
         cell recon "$q" mse_channel ptq.act_granularity=layer
-        for p in brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq; do
+        for p in $RECON_PRESETS; do
           cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS"
         done
       done ;;

@@ -126,7 +126,8 @@ def test_compile_smoke(tmp_path):
 def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
     from bench.ptq_bench import collect
     base = {"observer": {"name": "mse"}, "granularity": "channel", "awq": False, "bias_correct": False}
-    recon = {"enabled": True, "learn": ["alpha", "s_x", "xi", "eta"], "granularity": "block", "drop_prob": 0.5}
+    recon = {"enabled": True, "learn": ["alpha", "s_x", "xi", "eta"], "granularity": "block", "drop_prob": 0.5,
+             "iters": 200}
     runs = {"a": ({"weight": 4, "act": None}, {**base, "recon": {"enabled": False}}, 61.0, None),
             "b": ({"weight": 2, "act": 2}, {**base, "recon": {"enabled": False}}, 12.5, None),
             "c": ({"weight": 2, "act": 2}, {**base, "recon": recon}, 30.25, {"layer1.0": 0.5, "fc": 2.0})}
@@ -139,5 +140,5 @@ def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
     text = collect(str(tmp_path))
     assert "| PTQ/mse_channel | 62.00 | " in text and "61.00 (3s)" in text
     assert "| Method | W32A32 | W2A2 |" in text
-    assert "| recon[alpha+s_x+xi+eta,block,drop0.5]/mse_channel | 62.00 | 30.25 (3s) |" in text
-    assert "| recon[alpha+s_x+xi+eta,block,drop0.5]/mse_channel | 0.5 | 2 |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 62.00 | 30.25 (3s) |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 0.5 | 2 |" in text
