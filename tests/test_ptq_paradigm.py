@@ -245,3 +245,9 @@ def test_identity_transform_reproduces_adaround_exactly():
         general.handle = layer.register_forward_hook(general._add_eta)
         layer.weight_quantizer = general
         assert torch.equal(model(x), out)
+
+
+def test_output_error_sums_channels_and_averages_the_rest():
+    from qat.ptq.reconstruct import output_error
+    assert float(output_error(torch.ones(2, 3, 4, 5), torch.zeros(2, 3, 4, 5))) == 3.0  # conv maps: C = dim 1
+    assert float(output_error(torch.full((2, 7, 6), 2.0), torch.zeros(2, 7, 6))) == 24.0  # tokens: C last

@@ -162,12 +162,19 @@ def param_groups(layers: list, weights: list, acts: list, cfg: ReconConfig) -> l
     return groups
 
 
+def output_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BRECQ's reconstruction error: the squared error summed over channels (dim 1 of conv maps, the last dim
+    otherwise) and averaged over the batch and positions, the scale the rounding regulariser's weight is set for."""
+    error = (out - target).square()
+    return error.sum(1 if error.ndim == 4 else -1).mean()
+
+
 def unit_loss(unit: nn.Module, layers: list, x, y, cfg: ReconConfig) -> torch.Tensor:
     if cfg.objective == "weight_mse":
         return sum((m.weight_quantizer(m.weight) - m.weight).square().sum() for m in layers)
     if cfg.objective == "ce":
         return F.cross_entropy(unit(x), y.long())
-    return (unit(x) - y).square().flatten(1).sum(1).mean()
+    return output_error(unit(x), y)
 
 
 def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor | None, cfg: ReconConfig) -> dict:
