@@ -10,6 +10,9 @@ TABLES=${*:-recon weights acts dfq}
 DATA=${DATA:-data.root=data/cifar10/cifar10-jpg}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 RECON_ITERS=${RECON_ITERS:-200}       # per unit, block- and network-wise alike (the papers: 20k per unit)
+# Adam moves alpha by about lr per step and h needs |alpha| ~ 3 to reach 0 or 1: lr 1e-3 suits the papers' 20k
+# iterations, not 200; the tables use lr = 4 / iterations (0.02 at 200)
+RECON_LR=${RECON_LR:-$(python3 -c "print(4 / $RECON_ITERS)")}
 RECON_BITS=${RECON_BITS:-w4a4 w3a3 w2a2}
 RECON_PRESETS=${RECON_PRESETS:-brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq}
 
@@ -27,7 +30,7 @@ for table in $TABLES; do
       for q in $RECON_BITS; do
         cell recon "$q" mse_channel ptq.act_granularity=layer
         for p in $RECON_PRESETS; do
-          cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS"
+          cell recon "$q" "$p" ptq.recon.iters="$RECON_ITERS" ptq.recon.lr="$RECON_LR"
         done
       done ;;
     weights)

@@ -44,7 +44,7 @@ class ReconConfig:
     drop_prob: float = 0.0  # QDrop: each activation element stays FP with this probability while fitting
     iters: int = 1000
     batch_size: int = 32
-    lr: float = 1e-3  # Adam on alpha
+    lr: float = 4e-3  # Adam on alpha; h reaches 0 or 1 once lr * iters >~ 3 (the papers: 1e-3 * 20k iterations)
     step_lr: float = 4e-5  # on s_x, s_w, s_w_dq
     transform_lr: float = 1e-3  # on xi, eta, b
     weight_lr: float = 1e-5  # on w
