@@ -46,7 +46,10 @@ for table in $TABLES; do
       for q in w8a32 w6a32 w4a32 w8a8 w4a8; do
         cell dfq "$q" minmax_layer
         cell dfq "$q" dfq
-      done ;;
+      done
+      cell dfq w4a32 dfq ptq.bias_correct=false       # CLE (+ bias absorption) alone
+      cell dfq w4a32 minmax_layer ptq.bias_correct=true  # empirical bias correction, for comparison
+      ;;
     *) echo "unknown table $table: choose from recon weights acts dfq" >&2; exit 2 ;;
   esac
 done
