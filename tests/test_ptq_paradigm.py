@@ -251,3 +251,17 @@ def test_output_error_sums_channels_and_averages_the_rest():
     from qat.ptq.reconstruct import output_error
     assert float(output_error(torch.ones(2, 3, 4, 5), torch.zeros(2, 3, 4, 5))) == 3.0  # conv maps: C = dim 1
     assert float(output_error(torch.full((2, 7, 6), 2.0), torch.zeros(2, 7, 6))) == 24.0  # tokens: C last
+
+
+def test_a_diverged_unit_keeps_its_calibrated_start(monkeypatch):
+    model, x = toy("linear", per_channel=True)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def blow_up(unit, inputs, targets, cfg):
+        with torch.no_grad():
+            unit.weight.fill_(float("nan"))
+        return {"rec_loss": float("nan"), "undecided": 0.0}
+    monkeypatch.setattr(reconstruct, "fit_unit", blow_up)
+    report = reconstruct_(model, [x], ReconConfig(granularity="layer", iters=1))
+    assert report == {"0": {"rec_loss": pytest.approx(float("nan"), nan_ok=True), "undecided": 0.0, "diverged": True}}
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())

@@ -7,6 +7,7 @@ AdaRound / BRECQ, QDrop, NWQ, Case 2.2, AdaQTransform and LSQ-style corners are 
 targets are the FP model's unit outputs (or the labels, objective ce). Both are cached on CPU in float16.
 """
 import logging
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -239,8 +240,14 @@ def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str,
     report = {}
     for name, unit in todo:
         inputs, targets = unit_data(model, unit, batches, cfg)
+        start = {k: v.clone() for k, v in unit.state_dict().items()}
         with torch.enable_grad():
-            report[name or "network"] = fit_unit(unit, inputs, targets, cfg)
-        log.info("recon %s: %s", name or "network", report[name or "network"])
+            result = report[name or "network"] = fit_unit(unit, inputs, targets, cfg)
+        if not math.isfinite(result["rec_loss"]):  # keep the calibrated start rather than a NaN unit
+            unit.load_state_dict(start)
+            result["diverged"] = True
+            log.warning("recon %s: the loss became %s; the unit keeps its calibrated start (nearest rounding)",
+                        name or "network", result["rec_loss"])
+        log.info("recon %s: %s", name or "network", result)
     model.train(was_training)
     return report
