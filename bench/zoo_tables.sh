@@ -14,6 +14,7 @@ RECON_ITERS=${RECON_ITERS:-200}       # per unit, block- and network-wise alike 
 # iterations, not 200; the tables use lr = 4 / iterations (0.02 at 200)
 RECON_LR=${RECON_LR:-$(python3 -c "print(4 / $RECON_ITERS)")}
 RECON_BITS=${RECON_BITS:-w4a4 w3a3 w2a2}
+ACT_BITS=${ACT_BITS:-w32a8 w32a6 w32a4 w32a3 w32a2}
 RECON_PRESETS=${RECON_PRESETS:-brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq}
 
 cell() {  # table quant ptq [overrides...]
@@ -39,7 +40,7 @@ for table in $TABLES; do
         cell weights "$q" mse_channel ptq.bias_correct=true
       done ;;
     acts)
-      for q in w32a8 w32a6 w32a4 w32a3 w32a2; do
+      for q in $ACT_BITS; do
         for p in minmax_layer mse_layer percentile aciq_layer omse minmax_channel; do cell acts "$q" "$p"; done
       done ;;
     dfq)  # seed 001: DFQ (no data at all for weight-only cells; inputs still calibrate on images) vs min/max per layer
