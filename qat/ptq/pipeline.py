@@ -56,17 +56,14 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
     eps = cfg.ptq.get("eps", DEFAULT_EPS)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"ptq.eps={eps!r}: the step floor must be a number > 0, e.g. ptq.eps=1e-4")
-    for key in ("weight", "act"):
-        if quant.get(key) is not None:
+    for key in ("weight", "act", "attn"):
+        if quant.get(key) is None:
+            continue
+        if key in granularity:
             quant[key]["per_channel"] = granularity[key] == "channel"
-            quant[key]["eps"] = float(eps)
-            if quant[key]["bits"] not in PTQ_BITS:
-                raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
-                                 f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
-    if quant.get("attn") is not None:
-        quant["attn"]["eps"] = float(eps)
-        if quant["attn"]["bits"] not in PTQ_BITS:
-            raise ValueError(f"quant.attn.bits={quant['attn']['bits']}: PTQ supports {PTQ_BITS.start}.."
+        quant[key]["eps"] = float(eps)
+        if quant[key]["bits"] not in PTQ_BITS:
+            raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                              f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
     quant.update(seed004_keys(cfg.ptq))
     recon = recon_config(cfg.ptq)
@@ -104,10 +101,10 @@ def recon_config(ptq: DictConfig) -> ReconConfig | None:
             raise ValueError(f"ptq.recon.learn has {asked} but ptq.recon.enabled=false: they are only learnt by "
                              "reconstruction; set ptq.recon.enabled=true (e.g. ptq=adaqtransform) or drop them")
         return None
-    unknown = sorted(set(settings) - {f.name for f in dataclasses.fields(ReconConfig)})
+    valid = [f.name for f in dataclasses.fields(ReconConfig)]
+    unknown = sorted(set(settings) - set(valid))
     if unknown:
-        raise ValueError(f"ptq.recon: unknown keys {unknown}; valid keys are "
-                         f"{['enabled'] + [f.name for f in dataclasses.fields(ReconConfig)]}")
+        raise ValueError(f"ptq.recon: unknown keys {unknown}; valid keys are {['enabled'] + valid}")
     return ReconConfig(**settings)
 
 
