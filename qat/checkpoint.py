@@ -20,9 +20,8 @@ def fold_bn(model: nn.Module) -> nn.Module:
     return model.train(was_training)
 
 
-def folds_bn(path: str | Path) -> bool:
-    """Whether the run checkpoint at `path` holds a BN-folded model (recipe `fold_bn`)."""
-    checkpoint = load_checkpoint(path)
+def folds_bn(checkpoint) -> bool:
+    """Whether a loaded run checkpoint holds a BN-folded model (recipe `fold_bn`)."""
     return isinstance(checkpoint, dict) and bool(checkpoint.get("qat", {}).get("fold_bn"))
 
 
@@ -47,16 +46,17 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     return model.to(map_location).eval()
 
 
-def init_from(model: nn.Module, path: str | Path) -> dict:
+def init_from(model: nn.Module, path: str | Path, checkpoint=None) -> dict:
     """Two-step QAT: load matching weights and quantizer steps from a checkpoint file into `model`.
 
     Any checkpoint `qat.runs.state_of` reads works (run, plain, original with `state_dict_ema` / `module.`).
     Quantizers missing from the checkpoint stay uninitialised and are initialised from the loaded weights /
-    the calibration batch. Returns {'missing': [...], 'unexpected': [...], 'checkpoint': path}.
+    the calibration batch. `checkpoint`: the file at `path` if already loaded. Returns {'missing': [...],
+    'unexpected': [...], 'checkpoint': path}.
     """
     path = Path(path)
     target = model.state_dict()
-    source = state_of(load_checkpoint(path), path, set(target))
+    source = state_of(load_checkpoint(path) if checkpoint is None else checkpoint, path, set(target))
     mismatched = [k for k, v in source.items() if k in target and target[k].shape != v.shape]
     if mismatched:
         raise ValueError(f"init_from={path}: shapes differ for {mismatched[:10]}: is it the same model?")

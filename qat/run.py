@@ -22,7 +22,7 @@ from qat.module import LitClassifier
 from qat.optim import OptimConfig
 from qat.quant import compile_quantizers, quantize_, quantizers, quantizers_off
 from qat.quant.callback import QuantizationCallback
-from qat.runs import resolve, sha256_file
+from qat.runs import load_checkpoint, resolve, sha256_file
 from qat.telemetry import QuantTelemetry
 
 log = logging.getLogger(__name__)
@@ -43,11 +43,12 @@ def check_compile(mode) -> None:
                          "quantizers: only the LSQ math, as compiled kernels, the model stays eager)")
 
 
-def build_student(cfg: DictConfig) -> tuple[torch.nn.Module, dict]:
+def build_student(cfg: DictConfig, init_checkpoint=None) -> tuple[torch.nn.Module, dict]:
     """The student (quantized by cfg.quant) and the recipe `qat.load_model` rebuilds it from. A student
-    initialised from a BN-folded run (a DFQ / CLE PTQ run) is folded too, so every tensor loads."""
+    initialised from a BN-folded run (a DFQ / CLE PTQ run; `init_checkpoint`: the loaded init_from file) is
+    folded too, so every tensor loads."""
     model = build(cfg.model)
-    folded = bool(cfg.init_from) and folds_bn(resolve(cfg.init_from, cfg.paths.output_root))
+    folded = folds_bn(init_checkpoint)
     if folded:
         fold_bn(model)
     quant = build_quant(cfg.quant)
@@ -182,8 +183,10 @@ def train(cfg: DictConfig) -> dict:
     apply_extras(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = build(cfg.data, _convert_="all")
-    model, recipe = build_student(cfg)
-    init_info = init_from(model, resolve(cfg.init_from, cfg.paths.output_root)) if cfg.init_from else None
+    init_path = resolve(cfg.init_from, cfg.paths.output_root) if cfg.init_from else None
+    init_checkpoint = load_checkpoint(init_path) if init_path else None
+    model, recipe = build_student(cfg, init_checkpoint)
+    init_info = init_from(model, init_path, init_checkpoint) if init_path else None
     teacher, distill, kd_meta = build_distillation(cfg, model)
     meta = run_meta(cfg, model, recipe, kd_meta, init_info)
     callbacks = build_callbacks(cfg, output_dir, meta, recipe["quant"] is not None, datamodule.calibration_batch)

@@ -12,7 +12,7 @@ import torch
 import qat
 from qat.checkpoint import init_from
 from qat.run import build_student
-from qat.runs import resolve
+from qat.runs import load_checkpoint, resolve
 from tests.conftest import compose_config
 from qat.export.exporter import export
 from qat.models import create_model
@@ -88,9 +88,11 @@ def test_qat_from_a_dfq_run_builds_a_folded_student_that_loads_every_tensor(resn
     ptq(tmp_path / "dfq", f"ckpt={resnet_run}", "quant=w4a32", "ptq=dfq")
     cfg = compose_config(["model=resnet20", "quant=w4a32", "quant.add_bias=true", f"init_from={tmp_path / 'dfq'}"],
                          tmp_path)
-    student, recipe = build_student(cfg)
+    path = resolve(cfg.init_from, tmp_path)
+    checkpoint = load_checkpoint(path)
+    student, recipe = build_student(cfg, checkpoint)
     assert recipe["fold_bn"] is True and not any(isinstance(m, torch.nn.BatchNorm2d) for m in student.modules())
-    info = init_from(student, resolve(cfg.init_from, tmp_path))
+    info = init_from(student, path, checkpoint)
     assert info["missing"] == [] and info["unexpected"] == []
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
