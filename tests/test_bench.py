@@ -142,3 +142,15 @@ def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
     assert "| Method | W32A32 | W2A2 |" in text
     assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 62.00 | 30.25 (3s) |" in text
     assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 0.5 | 2 |" in text
+
+
+def test_recon_memory_smoke(tmp_path):
+    from bench import recon_memory
+    threads = torch.get_num_threads()
+    try:
+        row = recon_memory.main(["--smoke", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert json.loads((tmp_path / "recon_memory.json").read_text()) == row
+    assert row["block_recon_mb"] > row["weights_mb"] > 0 and row["fp_inference_mb"] > row["weights_mb"]
+    assert abs(row["ratio"] - row["block_recon_mb"] / row["fp_inference_mb"]) < 0.02

@@ -265,3 +265,15 @@ def test_a_diverged_unit_keeps_its_calibrated_start(monkeypatch):
     report = reconstruct_(model, [x], ReconConfig(granularity="layer", iters=1))
     assert report == {"0": {"rec_loss": pytest.approx(float("nan"), nan_ok=True), "undecided": 0.0, "diverged": True}}
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+
+
+def test_capture_fills_one_float16_tensor_over_uneven_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    batches = [(torch.randn(n, 6), torch.zeros(n, dtype=torch.long)) for n in (4, 3, 5)]
+    x = torch.cat([b[0] for b in batches])
+    inputs = reconstruct.capture(model, model[2], batches, output=False)
+    outputs = reconstruct.capture(model, model[2], batches, output=True)
+    with torch.no_grad():
+        hidden = model[1](model[0](x))
+        assert torch.equal(inputs, hidden.half()) and torch.equal(outputs, model[2](hidden).half())

@@ -108,11 +108,17 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture(model: nn.Module, unit: nn.Module, batches: list, output: bool) -> torch.Tensor:
-    """The unit's inputs (or outputs) over `batches`, float16 on CPU; each forward stops at the unit."""
-    kept = []
+    """The unit's inputs (or outputs) over `batches`, float16 on CPU; each forward stops at the unit. The
+    result is allocated once, at the first batch, and filled in place (no list of chunks to concatenate)."""
+    total, kept, at = sum(len(inputs_of(b)) for b in batches), None, 0
 
     def hook(module, args, out=None):
-        kept.append((out if output else args[0]).detach().to("cpu", torch.float16))
+        nonlocal kept, at
+        x = (out if output else args[0]).detach()
+        if kept is None:
+            kept = torch.empty((total, *x.shape[1:]), dtype=torch.float16)
+        kept[at:at + len(x)] = x
+        at += len(x)
         raise _Stop
 
     handle = unit.register_forward_hook(hook) if output else unit.register_forward_pre_hook(hook)
@@ -124,7 +130,7 @@ def capture(model: nn.Module, unit: nn.Module, batches: list, output: bool) -> t
                 pass
     finally:
         handle.remove()
-    return torch.cat(kept)
+    return kept
 
 
 @contextmanager
@@ -249,5 +255,6 @@ def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str,
             log.warning("recon %s: the loss became %s; the unit keeps its calibrated start (nearest rounding)",
                         name or "network", result["rec_loss"])
         log.info("recon %s: %s", name or "network", result)
+        del inputs, targets  # free this unit's caches before the next unit's are captured
     model.train(was_training)
     return report
