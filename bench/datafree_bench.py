@@ -3,7 +3,7 @@
     nice python -m bench.datafree_bench --threads 1                       # -> bench/results/datafree_bench.{json,md}
     python -m bench.datafree_bench --zeroq-iters 10 --threads 1           # time 10 of the 200 iterations, extrapolate
 
-ZeroQ: one batch of 256 images (ZeroQSettings defaults) through qat.datafree.zeroq.distill_batch; time per
+ZeroQ: one batch of 256 images (ZeroQSettings defaults) through qat.datafree.zeroq.zeroq_images; time per
 iteration x default iterations = time per batch; 1024 images = 4 batches. With --zeroq-iters < default the
 per-iteration time is measured on that many and extrapolated (iterations are identical work).
 GDFQ: 'real_kd' = teacher forward (no grad) + w4a4 student forward/backward + AdamW step on a real batch
@@ -20,7 +20,7 @@ from bench.common import base_parser, interleave, md_table, spread, start, summa
 from qat.data import CIFARDataModule
 from qat.data.transforms import CIFAR10_MEAN, CIFAR10_STD
 from qat.datafree.synthetic import SyntheticDataModule
-from qat.datafree.zeroq import ZeroQSettings, distill_batch
+from qat.datafree.zeroq import ZeroQSettings, zeroq_images
 from qat.distill import DistillLoss
 from qat.models import create_model
 from qat.quant import QuantConfig, calibrate_, clamp_steps_, quantize_
@@ -40,7 +40,7 @@ def bench_zeroq(teacher, iters_measured: int, batch: int) -> dict:
     default = ZeroQSettings()
     measured = ZeroQSettings(iters=iters_measured, batch_size=batch)
     begin = time.perf_counter()
-    distill_batch(teacher, batch, 32, CIFAR10_MEAN, CIFAR10_STD, 10, measured, seed=0)
+    zeroq_images(teacher, batch, 32, CIFAR10_MEAN, CIFAR10_STD, 10, measured, seed=0)
     per_iter = (time.perf_counter() - begin) / iters_measured
     per_batch = per_iter * default.iters
     return {"batch": batch, "default_iters": default.iters, "iters_measured": iters_measured,
