@@ -1,7 +1,7 @@
 """Data-free speed: ZeroQ synthesis on resnet20 and a GDFQ data-free QAT step vs a plain QAT step with KD.
 
     nice python -m bench.datafree_bench --threads 1                       # -> bench/results/datafree_bench.{json,md}
-    python -m bench.datafree_bench --zeroq-iters 10 --threads 1           # time 10 of the 200 iterations, extrapolate
+    python -m bench.datafree_bench --zeroq-iters 10 --threads 1           # time 10 of the default iterations, extrapolate
 
 ZeroQ: one batch of 256 images (ZeroQSettings defaults) through qat.datafree.zeroq.zeroq_images; time per
 iteration x default iterations = time per batch; 1024 images = 4 batches. With --zeroq-iters < default the

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from bench import common, eval_speed, loader, quantizer_op, report, step_time
+from bench import common, eval_speed, loader, quantizer_op, recon_memory, report, step_time
 
 SCRIPTS = {"step_time": step_time, "quantizer_op": quantizer_op, "loader": loader, "eval_speed": eval_speed}
 
@@ -145,7 +145,6 @@ def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
 
 
 def test_recon_memory_smoke(tmp_path):
-    from bench import recon_memory
     threads = torch.get_num_threads()
     try:
         row = recon_memory.main(["--smoke", "--out", str(tmp_path)])
