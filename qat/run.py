@@ -7,7 +7,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -102,6 +102,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path, meta: dict, quantized: bo
     """The configured callbacks (conf/callbacks: best checkpoint, lr, throughput, ...), then qat's own: last.ckpt
     every epoch, summary.json, the quantizer lifecycle and telemetry."""
     callbacks = [build(c) for c in (cfg.callbacks or {}).values()]
+    if not cfg.logger:  # logger=none: Lightning's LearningRateMonitor refuses a trainer without a logger
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not any(type(c) is ModelCheckpoint for c in callbacks):
         raise ValueError(f"callbacks={list(cfg.callbacks or {})} has no model_checkpoint: best.ckpt, testing and "
                          "summary.json need it; keep callbacks=default (or full) and add to it")

@@ -45,6 +45,13 @@ def test_compiled_quantizer_kernels_train_with_kd(make_cfg, monkeypatch):
     assert set(kernels._compiled) == {kernels._fake_quant, kernels._grads} and not kernels._failed
 
 
+def test_run_without_a_logger_drops_the_lr_monitor(make_cfg):
+    cfg = make_cfg("logger=none", "trainer.max_epochs=1")
+    train(cfg)  # Lightning's LearningRateMonitor raises on a trainer with no logger
+    summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert summary["finished"] and not (Path(cfg.paths.output_dir) / "metrics.csv").exists()
+
+
 def test_unknown_compile_mode_lists_the_valid_ones(make_cfg):
     with pytest.raises(ValueError, match=r"compile='fast': use one of \[False, True, 'quantizers'\]"):
         train(make_cfg("compile=fast"))
