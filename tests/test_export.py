@@ -1,14 +1,19 @@
-"""qat.export: integer re-simulation == fake-quant, exact code packing, bad input refused before any write."""
+"""qat.export: integer re-simulation == fake-quant, exact code packing, bad input refused before any write.
+
+The reference is the differentiable fake-quant forward (run with grad); evaluated without grad, a fake-quant
+model computes the integer form itself, so it must equal the exported integer model exactly.
+"""
 import pytest
 import torch
 from torch import nn
 
 from qat.export.exporter import check_request, export, write_files
-from qat.export.integer import IntConv2d, IntLinear, acc_dtype, to_integer
+from qat.export.integer import to_integer
 from qat.export.onnx_qdq import check_opset, to_qdq
 from qat.export.packing import pack_codes, pack_model, unpack_codes, unpack_model
 from qat.models.layers import Attention
 from qat.quant import LSQQuantizer, QuantConfig, QuantConv2d, QuantizerConfig, QuantLinear, quantize_
+from qat.quant.integer import IntConv2d, IntLinear, acc_dtype
 
 CASES = {  # name: (weight config, act config)
     "w2a2_per_tensor": (dict(bits=2), dict(bits=2)),
@@ -33,6 +38,20 @@ def calibrated(layer: nn.Module, x: torch.Tensor, offsets: bool = True) -> nn.Mo
     return layer.eval()
 
 
+def fake_quant(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The differentiable fake-quant forward: with grad enabled the layers do not take their integer form."""
+    with torch.enable_grad():
+        return module(x).detach()
+
+
+def same_as_eval(exported: nn.Module, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The exported output, checked bit-equal to the fake-quant module's no-grad eval forward."""
+    with torch.no_grad():
+        out = exported(x)
+        assert torch.equal(out, module(x))
+    return out
+
+
 def make_layer(kind: str, case: str, learnable_bias: bool = False):
     torch.manual_seed(0)
     w, a = (QuantizerConfig(**c) if c else None for c in CASES[case])
@@ -55,8 +74,7 @@ def test_integer_layer_equals_fake_quant(kind, case):
     layer, x = make_layer(kind, case)
     int_layer = to_integer(layer)
     assert isinstance(int_layer, IntLinear if kind == "linear" else IntConv2d)
-    with torch.no_grad():
-        torch.testing.assert_close(int_layer(x), layer(x), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(same_as_eval(int_layer, layer, x), fake_quant(layer, x), atol=2e-5, rtol=1e-5)
     q = layer.weight_quantizer
     if isinstance(q, LSQQuantizer):  # the stored codes are the live quantizer's levels, as integers
         assert int_layer.weight.dtype == (torch.uint8 if q.qmin >= 0 else torch.int8)
@@ -66,8 +84,7 @@ def test_integer_layer_equals_fake_quant(kind, case):
 @pytest.mark.parametrize("kind", ["linear", "conv"])
 def test_integer_layer_with_input_bias(kind):
     layer, x = make_layer(kind, "lsq_plus_offsets", learnable_bias=True)
-    with torch.no_grad():
-        torch.testing.assert_close(to_integer(layer)(x), layer(x), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(same_as_eval(to_integer(layer), layer, x), fake_quant(layer, x), atol=2e-5, rtol=1e-5)
 
 
 def test_eight_bit_products_accumulate_exactly_in_float64():
@@ -91,9 +108,8 @@ def test_integer_attention_equals_fake_quant(attn):
     x = torch.randn(3, 9, 32)
     module = calibrated(module, x)
     int_module = to_integer(module)
-    assert int_module.p.quantized and int_module.q.quantized
-    with torch.no_grad():
-        torch.testing.assert_close(int_module(x), module(x), atol=2e-5, rtol=1e-5)
+    assert all(c.quantized for c in int_module.codes)  # q, k, v and softmax levels
+    torch.testing.assert_close(same_as_eval(int_module, module, x), fake_quant(module, x), atol=2e-5, rtol=1e-5)
 
 
 def test_integer_vit_equals_fake_quant():
@@ -102,8 +118,7 @@ def test_integer_vit_equals_fake_quant():
     model = quantize_(create_model("vit_2_4_32"), QuantConfig(weight=dict(bits=2), act=dict(bits=2), attn=dict(bits=2)))
     x = torch.randn(4, 3, 32, 32)
     model = calibrated(model, x)
-    with torch.no_grad():
-        torch.testing.assert_close(to_integer(model)(x), model(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(same_as_eval(to_integer(model), model, x), fake_quant(model, x), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])

@@ -21,7 +21,8 @@ from torch import nn
 
 from qat.checkpoint import load_model
 from qat.export.check import format_checks, run_checks, test_images
-from qat.export.integer import live, to_integer
+from qat.export.integer import to_integer
+from qat.quant.integer import live
 from qat.export.onnx_qdq import DEFAULT_OPSET, check_opset, export_onnx, ort_logits, ort_session
 from qat.export.packing import format_report, pack_model
 from qat.quant import QuantConv2d, QuantLinear, quantizers

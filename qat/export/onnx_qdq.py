@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.export.integer import check_conv, live, step_of, unknown_layer
+from qat.export.integer import POINTS, IntAttention, check_conv, unknown_layer
+from qat.quant.integer import live, step_of
 from qat.models.layers import Attention
 from qat.quant import LSQQuantizer, QuantConv2d, QuantLinear
 
@@ -31,21 +32,22 @@ TORCHSCRIPT_MAX_OPSET = 20
 
 
 class _QDQ(torch.autograd.Function):
-    """Fake quantization whose ONNX form is [Clip ->] QuantizeLinear -> DequantizeLinear."""
+    """[Clip ->] QuantizeLinear(scale) -> DequantizeLinear(out_scale): out_scale = scale is fake quantization,
+    out_scale = 1 gives the integer codes as floats."""
 
     @staticmethod
-    def forward(ctx, x, scale, zero_point, lo, hi, clip: bool):
+    def forward(ctx, x, scale, out_scale, zero_point, lo, hi, clip: bool):
         z = zero_point.float()
         if clip:
             x = x.clamp(lo, hi)
         info = torch.iinfo(zero_point.dtype)
-        return (torch.round(x / scale) + z).clamp(info.min, info.max).sub(z).mul(scale)
+        return (torch.round(x / scale) + z).clamp(info.min, info.max).sub(z).mul(out_scale)
 
     @staticmethod
-    def symbolic(g, x, scale, zero_point, lo, hi, clip: bool):
+    def symbolic(g, x, scale, out_scale, zero_point, lo, hi, clip: bool):
         if clip:
             x = g.op("Clip", x, lo, hi)
-        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+        return g.op("DequantizeLinear", g.op("QuantizeLinear", x, scale, zero_point), out_scale, zero_point)
 
 
 class _DQ(torch.autograd.Function):
@@ -84,9 +86,9 @@ class QDQ(nn.Module):
     fuse into integer kernels (MatMulIntegerToFloat).
     """
 
-    def __init__(self, q: LSQQuantizer):
+    def __init__(self, q: LSQQuantizer, codes: bool = False):
         super().__init__()
-        self.binary = q.binary
+        self.binary, self.amax = q.binary, float(max(-q.qmin, q.qmax))
         dtype = torch.uint8 if q.qmin >= 0 else torch.int8
         scale = step_of(q).reshape(())
         offset = None if q.offset is None else q.offset.detach().float().reshape(())
@@ -94,6 +96,7 @@ class QDQ(nn.Module):
         self.float_offset = offset is not None and (zp is None or self.binary)
         zp = zp if zp is not None and not self.float_offset else torch.zeros((), dtype=dtype)
         self.register_buffer("scale", scale)
+        self.register_buffer("out_scale", torch.ones(()) if codes else scale)
         self.register_buffer("offset", offset if offset is not None else torch.zeros(()))
         self.register_buffer("zero_point", zp)
         self.clip = (q.qmin, q.qmax) != (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
@@ -105,16 +108,16 @@ class QDQ(nn.Module):
         if self.float_offset:
             x = x - self.offset
         if self.binary:
-            y = torch.where(x >= 0, self.scale, -self.scale)
+            y = torch.where(x >= 0, self.out_scale, -self.out_scale)
         else:
-            y = _QDQ.apply(x, self.scale, self.zero_point, self.lo, self.hi, self.clip)
+            y = _QDQ.apply(x, self.scale, self.out_scale, self.zero_point, self.lo, self.hi, self.clip)
         return y + self.offset if self.float_offset else y
 
 
 class QDQWeight(nn.Module):
     """A layer's quantized weight: int8/uint8 levels -> DequantizeLinear ((level - zp) * s = level * s + offset)."""
 
-    def __init__(self, layer: nn.Module):
+    def __init__(self, layer: nn.Module, codes: bool = False):
         super().__init__()
         q = live(layer.weight_quantizer)
         weight = layer.weight.detach()
@@ -128,7 +131,8 @@ class QDQWeight(nn.Module):
         zp = torch.zeros_like(scale, dtype=dtype) if zp is None else zp
         view = (-1,) + (1,) * (weight.dim() - 1) if zp.dim() else ()
         self.register_buffer("codes", q.levels(weight).to(dtype))
-        self.register_buffer("scale", scale)
+        self.register_buffer("step", scale)  # the real step; the DQ scale is 1 in `codes` mode
+        self.register_buffer("scale", torch.ones_like(scale) if codes else scale)
         self.register_buffer("zero_point", zp)
         self.register_buffer("offset", offset.reshape(view) if self.float_offset else torch.zeros(()))
 
@@ -138,25 +142,40 @@ class QDQWeight(nn.Module):
 
 
 class QDQLayer(nn.Module):
-    """QuantLinear/QuantConv2d as float op on DQ(weight codes) and QDQ(x + input_bias)."""
+    """QuantLinear/QuantConv2d in integer form: op(Q->DQ(1) codes of x + input_bias, DQ(1) weight codes), times
+    s_a * s_w, plus bias, as `qat.quant.integer` computes it (exact integer sums while they stay below 2**24;
+    float32 always: onnxruntime's Conv has no float64). With a non-integer (float) offset: the plain Q/DQ
+    form, op(QDQ(x + input_bias), DQ(weight codes)) + bias."""
 
     def __init__(self, layer: nn.Module):
         super().__init__()
-        act = live(layer.act_quantizer)
-        self.act = QDQ(act) if act is not None else nn.Identity()
-        self.weight = QDQWeight(layer) if live(layer.weight_quantizer) is not None else None
+        act, weight_q = live(layer.act_quantizer), live(layer.weight_quantizer)
+        plain_qdq = (QDQ(act) if act is not None else None, QDQWeight(layer) if weight_q is not None else None)
+        self.integer = not any(m.float_offset for m in plain_qdq if m is not None)
+        self.act = QDQ(act, codes=self.integer) if act is not None else nn.Identity()
+        self.weight = QDQWeight(layer, codes=self.integer) if weight_q is not None else None
         self.float_weight = None if self.weight is not None else nn.Parameter(layer.weight.detach().clone())
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone())
         self.input_bias = None if layer.input_bias is None else nn.Parameter(layer.input_bias.detach().clone())
         self.conv = None if isinstance(layer, QuantLinear) else dict(stride=layer.stride, padding=layer.padding,
                                                                      dilation=layer.dilation, groups=layer.groups)
+        view = (-1,) if self.conv is None else (-1, 1, 1)
+        s_a = self.act.scale.reshape(-1) if act is not None else torch.ones(1)
+        s_w = self.weight.step.expand(len(layer.weight)) if self.weight is not None else torch.ones(1)
+        self.register_buffer("rescale", s_a * s_w.reshape(view))  # the product qat.quant.integer forms
+        bias = layer.bias.detach().float() if layer.bias is not None else torch.zeros(len(layer.weight))
+        self.register_buffer("bias_view", bias.reshape(view))
+
+    def op(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, w, bias) if self.conv is None else F.conv2d(x, w, bias, **self.conv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.input_bias is not None:
             x = x + self.input_bias
         w = self.weight() if self.weight is not None else self.float_weight
-        x = self.act(x)
-        return F.linear(x, w, self.bias) if self.conv is None else F.conv2d(x, w, self.bias, **self.conv)
+        if self.integer:
+            return self.op(self.act(x), w, None) * self.rescale + self.bias_view
+        return self.op(self.act(x), w, self.bias)
 
 
 def _qdq_tree(mod: nn.Module, path: str) -> nn.Module:
@@ -165,6 +184,9 @@ def _qdq_tree(mod: nn.Module, path: str) -> nn.Module:
         if isinstance(mod, QuantConv2d):
             check_conv(mod, path)
         return QDQLayer(mod)
+    if isinstance(mod, Attention) and all(live(getattr(mod, n)) is not None and getattr(mod, n).offset is None
+                                          for n in POINTS):  # integer form, as qat.quant.integer
+        return IntAttention(mod, path, layer=_qdq_tree, codes=lambda q: QDQ(q, codes=True))
     for name, child in list(mod.named_children()):
         if isinstance(child, LSQQuantizer):
             if not isinstance(mod, Attention):

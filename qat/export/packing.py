@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from qat.export.integer import live, step_of
+from qat.quant.integer import live, step_of
 from qat.quant import QuantConv2d, QuantLinear, quantizers
 
 

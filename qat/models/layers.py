@@ -10,6 +10,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from qat.models.quant_point import QuantPoint
+from qat.quant.integer import Codes, attention_on_codes, attention_ready
 
 
 class Tokenizer(nn.Module):
@@ -97,6 +98,10 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, h, C/h)
         qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, h, N, C/h)
         q, k, v = qkv.unbind(0)  # each (B, h, N, C/h); unbind's backward stacks, indexing's would zero-fill 3x
+        if attention_ready(self):  # eval without grad: exact code products, as the exported integer model
+            points = (self.q_quant, self.k_quant, self.v_quant, self.attn_quant)
+            return self.proj(attention_on_codes(q, k, v, tuple(Codes(p) for p in points), self.scale)
+                             .transpose(1, 2).reshape(B, N, C))
         q, k, v = self.q_quant(q), self.k_quant(k), self.v_quant(v)
         if type(self.attn_quant) is QuantPoint:
             x = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop.p if self.training else 0.0)

@@ -1,13 +1,15 @@
 """QuantLinear / QuantConv2d: y = layer(Q_a(x + input_bias), Q_w(W)) + b (reference §3.1).
 
 The input quantizer runs inside the layer's autograd function (`lsq_layer`), so a quantized layer keeps
-x for backward as the float layer does, not Q(x) as well.
+x for backward as the float layer does, not Q(x) as well. Evaluated without grad, a layer computes its
+integer form (`qat.quant.integer`): the same function, summed exactly, as the exported integer model.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from qat.quant.functional import Conv2dOp, LinearOp
+from qat.quant.integer import IntConv2d, IntLinear, integer_ready
 from qat.quant.quantizers import LSQQuantizer
 
 
@@ -20,6 +22,7 @@ class QuantLayerMixin:
     """
 
     float_cls: type[nn.Module]
+    integer_cls: type[nn.Module]  # its integer form (qat.quant.integer), used by eval forwards without grad
 
     def _setup_quant(self, weight_cfg, act_cfg, act_signed: bool, learnable_bias: bool) -> None:
         """Add the quantizers and the optional input bias, on the weight's device (called once per layer)."""
@@ -36,6 +39,8 @@ class QuantLayerMixin:
 
     def _quant_forward(self, op, x: torch.Tensor, float_forward) -> torch.Tensor:
         """The layer on Q_a(x + input_bias) and Q_w(W); `op` (None: not fusable) fuses the input quantizer."""
+        if integer_ready(self):
+            return self.integer_cls(self)(x)
         if self.input_bias is not None:
             x = x + self.input_bias
         weight = self.weight_quantizer(self.weight)
@@ -70,6 +75,7 @@ class QuantLayerMixin:
 
 class QuantLinear(QuantLayerMixin, nn.Linear):
     float_cls = nn.Linear
+    integer_cls = IntLinear
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, weight_cfg=None, act_cfg=None,
                  act_signed: bool = True, learnable_bias: bool = False, device=None, dtype=None):
@@ -89,6 +95,7 @@ class QuantLinear(QuantLayerMixin, nn.Linear):
 
 class QuantConv2d(QuantLayerMixin, nn.Conv2d):
     float_cls = nn.Conv2d
+    integer_cls = IntConv2d
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", weight_cfg=None, act_cfg=None,
