@@ -10,7 +10,7 @@ from onnx import TensorProto
 from qat.export.__main__ import main
 from qat.export.onnx_qdq import export_onnx, ort_logits, ort_session
 from qat.models import create_model
-from qat.quant import QuantConfig, QuantizerConfig, QuantLinear, quantize_
+from qat.quant import QuantConfig, QuantConv2d, QuantizerConfig, QuantLinear, quantize_
 
 W2A2 = QuantConfig(weight=dict(bits=2), act=dict(bits=2))
 ACT2B_ATTN = QuantConfig(act=dict(bits=2), attn=dict(bits=2))
@@ -131,3 +131,21 @@ def test_cli_refuses_fp_checkpoint_for_int_before_writing(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fp.ckpt"]
     assert main([str(ckpt), "--format", "onnx", "--check", "4"]) == 0
     assert (tmp_path / "export" / "model.onnx").is_file()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_onnxruntime_integer_layers_equal_the_eval_forward_bit_for_bit(kind):
+    """Integer codes summed by onnxruntime's float Conv/MatMul are exact: the same numbers as the torch eval."""
+    torch.manual_seed(0)
+    w, a = QuantizerConfig(bits=4, per_channel=True), QuantizerConfig(bits=4, signed=False)
+    if kind == "linear":
+        layer, x = QuantLinear.from_float(torch.nn.Linear(96, 32), w, a, act_signed=False), torch.rand(16, 7, 96) * 3
+    else:
+        layer = QuantConv2d.from_float(torch.nn.Conv2d(16, 32, 3, padding=1), w, a, act_signed=False)
+        x = torch.rand(8, 16, 12, 12) * 3
+    with torch.no_grad():
+        layer.train()(x)
+    layer.eval()
+    graph, logits = run_onnx(layer, x)
+    with torch.no_grad():
+        assert torch.equal(logits, layer(x))  # two implementations, one result

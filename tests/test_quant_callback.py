@@ -52,13 +52,9 @@ def test_calibrate_closed_form_and_leaves_initialised_quantizers_alone():
     assert calibrate_(model, [x * 100]) == [] and model[0].step.item() == 5.0
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"method": "minmax"}, r"^calibrate_: method='minmax' is not valid: use one of \[None\]$"),
-    ({"batches": []}, r"^calibrate_: batches is empty but 2 quantizers need initialising"),
-])
-def test_calibrate_bad_input(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        calibrate_(**{"model": nn.Sequential(LSQQuantizer(2), LSQQuantizer(2)), "batches": [torch.ones(3)], **kwargs})
+def test_calibrate_without_batches_is_refused():
+    with pytest.raises(ValueError, match=r"^calibrate_: batches is empty but 2 quantizers need initialising"):
+        calibrate_(nn.Sequential(LSQQuantizer(2), LSQQuantizer(2)), [])
 
 
 def test_steps_that_differ_across_ranks_are_named():

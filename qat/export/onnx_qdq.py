@@ -4,12 +4,15 @@ Exporter: torch.onnx.export(dynamo=False), the TorchScript exporter (the dynamo 
 which is not installed offline); it writes opsets up to 20, so int4/uint4 Q/DQ (opset 21) is out of reach
 and every code is stored in int8 (signed levels) or uint8 (unsigned), whatever the bit width.
 
-Activations (and q, k, v, softmax): Clip to the b-bit levels' range -> QuantizeLinear -> DequantizeLinear,
-scale = max(step, eps) (the Clip is left out when the levels fill int8/uint8). An LSQ+ offset that is an
-integer multiple z of the step becomes the zero point -z (stored integer = level); any other offset is a
-float Sub before and Add after the pair. Weights: int8/uint8 initializers holding the levels ->
-DequantizeLinear (per-channel: axis 0, opset >= 13), offsets as zero points or a float Add in the same
-way. 1-bit signed activations (sign) have no Q/DQ form: float Where(x - offset >= 0, s, -s) + offset.
+Quantized layers are in the integer form of `qat.quant.integer`, the form the fake-quant model evaluates in:
+[Clip ->] QuantizeLinear(x, s_a) -> DequantizeLinear(1) gives the activation codes, int8/uint8 weight
+initializers -> DequantizeLinear(1) (per-channel: axis 0) the weight codes, then the float Conv/MatMul sums
+integers (exact while partial sums stay below 2**24), one Mul by s_a * s_w and an Add of the bias. Attention
+computes (Q K^T) * s_q s_k / sqrt(d) and (P V) * s_p s_v on codes the same way. The Clip (float, to the
+b-bit levels' range) is left out when the levels fill int8/uint8. An LSQ+ offset that is an integer multiple
+z of the step becomes the zero point -z (the codes are then level + z); a layer with any other offset keeps
+the plain Q/DQ form (DQ scale = step, float op, float Sub/Add around the pair). 1-bit signed activations
+(sign) have no Q/DQ form: float Where(x - offset >= 0, 1, -1).
 """
 import copy
 import io

@@ -9,8 +9,6 @@ from qat.quant.quantizers import quantizers
 
 log = logging.getLogger(__name__)
 
-METHODS = (None,)  # None: each quantizer's own `init` (lsq | minmax | mse) on the first batch
-
 
 def inputs_of(batch) -> torch.Tensor:
     """The images of a batch given as a tensor or an (images, labels) pair."""
@@ -18,16 +16,15 @@ def inputs_of(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_(model: nn.Module, batches: Iterable, method: str | None = None) -> list[str]:
+def calibrate_(model: nn.Module, batches: Iterable) -> list[str]:
     """Initialise every not-yet-initialised quantizer of `model` from `batches`; returns their names.
 
-    `batches` yields image tensors or (x, y) pairs. With method=None each quantizer applies its own `init`
+    `batches` yields image tensors or (x, y) pairs. Each quantizer applies its own `init` (lsq | minmax | mse)
     to what it sees in one train-mode forward of the first batch (steps are averaged over ranks when
     torch.distributed is initialized); the model's train/eval mode is restored afterwards.
-    Quantizers already initialised (e.g. loaded from a checkpoint) are left untouched.
+    Quantizers already initialised (e.g. loaded from a checkpoint) are left untouched. Observers over many
+    batches (minmax, mse, percentile, aciq, omse per layer or channel) are PTQ's: `qat.ptq.calibrate`.
     """
-    if method not in METHODS:
-        raise ValueError(f"calibrate_: method={method!r} is not valid: use one of {list(METHODS)}")
     pending = [n for n, q in quantizers(model) if not q.is_initialized]
     if not pending:
         return []
