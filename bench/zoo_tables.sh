@@ -14,7 +14,9 @@ RECON_ITERS=${RECON_ITERS:-200}       # per unit, block- and network-wise alike 
 # iterations, not 200; the tables use lr = 4 / iterations (0.02 at 200)
 RECON_LR=${RECON_LR:-$(python3 -c "print(4 / $RECON_ITERS)")}
 RECON_BITS=${RECON_BITS:-w4a4 w3a3 w2a2}
-ACT_BITS=${ACT_BITS:-w32a8 w32a6 w32a4 w32a3 w32a2}
+WEIGHT_BITS=${WEIGHT_BITS:-w8a32 w7a32 w6a32 w5a32 w4a32 w3a32 w2a32}
+ACT_BITS=${ACT_BITS:-w32a8 w32a7 w32a6 w32a5 w32a4 w32a3 w32a2}
+ADAROUND_BITS=${ADAROUND_BITS:-w4a32 w3a32 w2a32}   # AdaRound (block-wise, from mse_channel) weight-only cells
 RECON_PRESETS=${RECON_PRESETS:-brecq qdrop adaqtransform nwq case2_2 adaqtransform_nwq}
 
 cell() {  # table quant ptq [overrides...]
@@ -35,9 +37,12 @@ for table in $TABLES; do
         done
       done ;;
     weights)
-      for q in w8a32 w6a32 w4a32 w3a32 w2a32; do
+      for q in $WEIGHT_BITS; do
         for p in minmax_layer minmax_channel mse_channel awq; do cell weights "$q" "$p"; done
         cell weights "$q" mse_channel ptq.bias_correct=true
+      done
+      for q in $ADAROUND_BITS; do
+        cell weights "$q" adaround ptq.recon.iters="$RECON_ITERS" ptq.recon.lr="$RECON_LR"
       done ;;
     acts)
       for q in $ACT_BITS; do
