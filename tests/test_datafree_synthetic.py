@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from conftest import compose_config
 from qat.datafree import SyntheticDataModule
 from qat.models import create_model
 from qat.run import train
@@ -107,3 +108,13 @@ def test_teacher_reference_defaults_to_kd_teacher_or_ptq_ckpt():
     for base, wanted in (({"kd": {"teacher": {"checkpoint": "a.ckpt"}}}, "a.ckpt"), ({"ckpt": "zoo:resnet20"},
                                                                                     "zoo:resnet20")):
         assert OmegaConf.create({**base, "t": node}).t == wanted
+
+
+def test_datafree_qat_rows_share_one_budget_and_differ_only_in_the_images(tmp_path):
+    gdfq, real = (compose_config([f"experiment=datafree/resnet20_w4a4_{e}"], tmp_path) for e in ("gdfq", "real"))
+    assert gdfq.data._target_ == "qat.datafree.SyntheticDataModule" and gdfq.data.synthetic.method == "gdfq"
+    assert gdfq.data.synthetic.teacher == gdfq.kd.teacher.checkpoint == real.kd.teacher.checkpoint == "zoo:resnet20"
+    assert real.data._target_ == "qat.data.CIFARDataModule" and real.data.per_class * 10 == gdfq.data.synthetic.num_images
+    for key in ("trainer.max_epochs", "data.batch_size", "optim", "quant", "init_from", "kd.loss", "model.name"):
+        assert OmegaConf.select(gdfq, key) == OmegaConf.select(real, key), key
+    assert real.data.aug.mixup == real.data.aug.cutmix == real.kd.loss.hard_weight == 0  # labels unused by both
