@@ -180,10 +180,12 @@ def collect(root: str) -> str:
         s = json.loads(path.read_text())
         bits = s["bits"]
         col = f"W{bits['weight'] or 32}A{bits['act'] or 32}"
-        cells[(s["model"], method_label(s), col)] = f"{s['quant_acc']:.2f} ({s['total_time_s']:.0f}s)"
-        fp[s["model"]] = s["fp_acc"]
+        label = method_label(s) + ("" if s.get("calib_data", "real") == "real" else f" [calib: {s['calib_data']}]")
+        cells[(s["model"], label, col)] = f"{s['quant_acc']:.2f} ({s['total_time_s']:.0f}s)"
+        if fp.get(s["model"]) is None:  # ptq.test_before_calibration=false leaves fp_acc null
+            fp[s["model"]] = s["fp_acc"]
         if "recon" in s:
-            losses[(s["model"], col, method_label(s))] = {u: r["rec_loss"] for u, r in s["recon"]["units"].items()}
+            losses[(s["model"], col, label)] = {u: r["rec_loss"] for u, r in s["recon"]["units"].items()}
     out = []
     for model in sorted(fp):
         both = sorted({c for (mod, _, c) in cells if mod == model and "32" not in c}, reverse=True)
@@ -198,12 +200,13 @@ def collect(root: str) -> str:
     return "\n".join(out)
 
 
-def _table(model: str, fp: float, cells: dict, cols: list[str]) -> list[str]:
+def _table(model: str, fp: float | None, cells: dict, cols: list[str]) -> list[str]:
     rows = sorted({m for (mod, m, c) in cells if mod == model and c in cols})
     if not rows:
         return []
     lines = [f"#### {model}", "", "| Method | W32A32 | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    lines += [f"| {m} | {fp:.2f} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |" for m in rows]
+    fp = "–" if fp is None else f"{fp:.2f}"
+    lines += [f"| {m} | {fp} | " + " | ".join(cells.get((model, m, c), "") for c in cols) + " |" for m in rows]
     return lines + [""]
 
 

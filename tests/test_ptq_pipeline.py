@@ -10,6 +10,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import open_dict
 
 import qat
+from bench.ptq_bench import collect
 from qat.checkpoint import init_from
 from qat.export.exporter import export
 from qat.runs import resolve
@@ -62,9 +63,22 @@ def test_every_method_writes_a_loadable_run(fp_run, tmp_path, method, quant):
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["finished"] and saved["model"] == "vit_2_4_32" and saved["quant_acc"] == summary["quant_acc"]
     assert 0 <= saved["fp_acc"] <= 100 and saved["calib_size"] == 32 and saved["quant_mse"]
+    assert saved["calib_data"] == "real"
     model = qat.load_model(tmp_path)
     assert all(bool(q.initialized) for _, q in quantizers(model))
     assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])
+
+
+def test_synthetic_calibration_is_recorded_and_kept_apart_in_the_tables(fp_run, tmp_path):
+    synthetic = ["data=synthetic", "data.name=cifar10_sample", "data.root=null", "data.synthetic.num_images=32"]
+    real = ptq(tmp_path / "real", f"ckpt={fp_run}", "quant=w4a4", "ptq=minmax_layer")
+    noise = ptq(tmp_path / "gaussian", f"ckpt={fp_run}", "quant=w4a4", "ptq=minmax_layer", *synthetic,
+                "ptq.test_before_calibration=false")
+    assert (real["calib_data"], noise["calib_data"], noise["fp_acc"]) == ("real", "gaussian", None)
+    assert real["quant_mse"] != noise["quant_mse"]  # other images, other steps
+    table = collect(str(tmp_path))
+    assert "| PTQ/minmax_layer |" in table and "| PTQ/minmax_layer [calib: gaussian] |" in table
+    assert f"| {real['fp_acc']:.2f} |" in table  # the FP column from the run that evaluated it
 
 
 def _sample_test():

@@ -140,6 +140,15 @@ def calibration_batches(datamodule, n: int, seed: int, batch_size: int) -> list[
     return list(zip(images.split(batch_size), labels.split(batch_size)))
 
 
+def calib_data(datamodule) -> str:
+    """summary.json's calibration source: `real` (the training split) or the synthetic method with its settings."""
+    s = getattr(datamodule, "synthetic", None)
+    if s is None:
+        return "real"
+    options = ", ".join(f"{k}={v}" for k, v in sorted((s.get(s["method"]) or {}).items()))
+    return f"{s['method']}({options})" if options else s["method"]
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, datamodule) -> float:
     """Top-1 accuracy (%) on the test split (`qat.evaluate.score`, as eval.py computes it)."""
@@ -211,6 +220,7 @@ def run(cfg: DictConfig) -> dict:
                    k: None if getattr(config, k) is None else getattr(config, k).bits for k in ("weight", "act")},
                "fp_acc": fp_acc, "quant_acc": acc, "best_val_acc": acc, "test_acc": acc,
                "calib_size": sum(len(images) for images, _ in batches),
+               "calib_data": calib_data(datamodule),
                "calib_transform": "eval (no augmentation), training split",
                "output_dir": str(output_dir), **facts}
     save_run(output_dir, model, {**recipe, "quant": quant, **({"fold_bn": True} if folds(cfg.ptq) else {})}, summary)
