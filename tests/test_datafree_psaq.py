@@ -42,7 +42,7 @@ def test_psaq_images_raise_patch_similarity_entropy_over_gaussian():
 def test_psaq_module_caches_images_of_a_vit(fp_vit, tmp_path):
     dm = module(fp_vit, tmp_path, method="psaq", num_images=8, psaq={"iters": 1, "batch_size": 8})
     dm.setup()
-    sidecar = json.loads((tmp_path / "cache" / "psaq_n8_seed0.json").read_text())
+    sidecar = json.loads(dm.cache_path.with_suffix(".json").read_text())
     assert sidecar["method"] == "psaq" and sidecar["model_sha256"] == dm.teacher_sha256
     assert dm.train_set.images.shape == (8, 32, 32, 3)
 

@@ -2,6 +2,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -9,6 +10,8 @@ from torch import nn
 
 from conftest import compose_config
 from qat.datafree import SyntheticDataModule
+from qat.datafree.cache import cache_name
+from qat.datafree.zeroq import ZeroQSettings
 from qat.models import create_model
 from qat.run import train
 
@@ -59,9 +62,23 @@ def test_gaussian_module_interface(fp_resnet20, tmp_path):
 def test_zeroq_module_caches_with_the_teachers_sha(fp_resnet20, tmp_path):
     dm = module(fp_resnet20, tmp_path, method="zeroq", num_images=8, zeroq={"iters": 2, "batch_size": 8})
     dm.setup()
-    sidecar = json.loads((tmp_path / "cache" / "zeroq_n8_seed0.json").read_text())
+    sidecar = json.loads(dm.cache_path.with_suffix(".json").read_text())
     assert sidecar["model_sha256"] == dm.teacher_sha256 and sidecar["iters"] == 2
     assert dm.train_set.images.shape == (8, 32, 32, 3)
+
+
+def test_zeroq_variants_keep_a_cache_file_each(fp_resnet20, tmp_path):
+    base = {"method": "zeroq", "num_images": 8}
+    plain = module(fp_resnet20, tmp_path, **base, zeroq={"iters": 1, "batch_size": 8})
+    intra = module(fp_resnet20, tmp_path, **base, zeroq={"iters": 1, "batch_size": 8, "intra_weight": 1.0})
+    plain.setup(), intra.setup()
+    assert plain.cache_path != intra.cache_path and len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    assert cache_name("zeroq", 8, 0, ZeroQSettings()) == "zeroq_n8_seed0.npz"  # the defaults keep the plain name
+    again = module(fp_resnet20, tmp_path, **base, zeroq={"iters": 1, "batch_size": 8})
+    calls = []
+    again.bank = again.bank[0], lambda *a: calls.append(a)  # a rebuild would call it
+    again.setup()
+    assert not calls and np.array_equal(again.train_set.images, plain.train_set.images)
 
 
 SYNTH = ["model=resnet20", "data=synthetic", "data.name=cifar10_sample", "data.root=null", "data.num_workers=0",
@@ -79,7 +96,7 @@ def test_train_py_runs_zeroq_data(make_cfg, fp_resnet20, tmp_path):
                              "data.synthetic.num_images=16", "+data.synthetic.zeroq.iters=1",
                              f"data.synthetic.cache_dir={tmp_path / 'cache'}"))
     assert torch.isfinite(torch.tensor(metrics["train/loss_step"]))
-    assert (tmp_path / "cache" / "zeroq_n16_seed42.npz").is_file()
+    assert len(list((tmp_path / "cache").glob("zeroq_n16_seed42_*.npz"))) == 1  # iters=1: a tagged variant
 
 
 @pytest.mark.parametrize("synthetic, error, match", [

@@ -18,7 +18,7 @@ from qat.data.datamodule import ArrayDataset, CIFARDataModule
 from qat.data.sampler import mix
 from qat.data.transforms import eval_transform
 from qat.datafree.bn_stats import BNStatLoss
-from qat.datafree.cache import as_labels, load_or_build
+from qat.datafree.cache import as_labels, cache_name, load_or_build
 from qat.datafree.generator import Generator, GDFQSettings, GDFQStream, generator_loss
 from qat.datafree.images import gaussian_images, to_uint8
 from qat.datafree.psaq import AttentionOutputs, PSAQSettings, psaq_images
@@ -71,7 +71,7 @@ class SyntheticDataModule(CIFARDataModule):
         self.synthetic = s = check_synthetic(synthetic)
         self.teacher_path = resolve_teacher(s["teacher"], s["output_root"], s["teacher_model"])
         self.cache_dir = Path(s["cache_dir"] or Path(s["output_root"]) / "synthetic")
-        self.bank = None  # (settings, synthesis function) of the cached methods
+        self.bank = self.cache_path = None  # (settings, synthesis function) of the cached methods; their file
         if s["method"] == "zeroq":
             self.bank = settings(ZeroQSettings, s["zeroq"], "zeroq"), zeroq_images
         elif s["method"] == "psaq":
@@ -120,8 +120,8 @@ class SyntheticDataModule(CIFARDataModule):
                                 settings, s["seed"])
             return to_uint8(x, self.mean, self.std), as_labels(y)
 
-        path = self.cache_dir / f"{s['method']}_n{s['num_images']}_seed{s['seed']}.npz"
-        return load_or_build(path, sidecar, build)
+        self.cache_path = self.cache_dir / cache_name(s["method"], s["num_images"], s["seed"], settings)
+        return load_or_build(self.cache_path, sidecar, build)
 
     # ---- gdfq: a generator trained alongside the student -----------------------------------------
     def _device(self) -> torch.device:
