@@ -11,6 +11,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 AT_LEAST_ONE = ("trainer.max_epochs", "data.batch_size", "data.eval_batch_size")
 FP16 = ("16", "16-mixed", "16-true", "transformer-engine-float16")
 CHECKPOINT_KEYS = ("ckpt_path", "init_from", "kd.teacher.checkpoint")
+OWN_CHECK = ("compile",)  # a boolean or 'quantizers': qat.run.check_compile names the choices
 
 
 def check(cfg: DictConfig, overrides: list[str]) -> None:
@@ -59,6 +60,8 @@ def check_override_types(cfg: DictConfig, overrides: list[str]) -> None:
     defaults = compose(config_name=HydraConfig.get().job.config_name, overrides=groups)
     for o in values:
         key = o.key_or_group
+        if key in OWN_CHECK:
+            continue
         default = OmegaConf.select(defaults, key, default=None, throw_on_resolution_failure=False)
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
         problem = type_problem(default, value)

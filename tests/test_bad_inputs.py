@@ -49,6 +49,7 @@ CASES = [
     (["optim.lr=-1"], "optim.lr=-1 must be > 0"),
     (["optim.lr_scale_rule=foo"], "optim.lr_scale_rule='foo'"),
     (["compile=fast"], "compile='fast'"),
+    (["compile=quantizers", "optim.lr=-1"], "optim.lr=-1 must be > 0"),  # a string for a boolean default: valid
     (["resume=yes"], "resume='yes'"),
     # renamed keys
     (["kd.checkpoint=x"], "kd.checkpoint was renamed to kd.teacher.checkpoint"),
