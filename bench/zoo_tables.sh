@@ -76,7 +76,9 @@ for table in $TABLES; do
           for p in $DF_PTQ; do
             case $p in
               mse_channel) cell datafree "$q" "$p" ptq.act_granularity=layer $args ;;
-              *) cell datafree "$q" "$p" ptq.recon.iters="$RECON_ITERS" ptq.recon.lr="$RECON_LR" $args ;;
+              adaround|brecq|qdrop|nwq|case2_2|adaqtransform*)
+                 cell datafree "$q" "$p" ptq.recon.iters="$RECON_ITERS" ptq.recon.lr="$RECON_LR" $args ;;
+              *) cell datafree "$q" "$p" $args ;;
             esac
           done
         done
