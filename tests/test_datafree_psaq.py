@@ -1,8 +1,10 @@
 """PSAQ-ViT: patch-similarity entropy, images for BN-free ViTs, the psaq data module."""
 import json
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from qat.data.transforms import CIFAR10_MEAN, CIFAR10_STD
 from qat.datafree.images import gaussian_images
@@ -24,6 +26,17 @@ def entropy_of(model, x, s=PSAQSettings()) -> float:
     with torch.no_grad(), AttentionOutputs(model) as hooks:
         model(x)
         return hooks.entropy(s).item()
+
+
+def test_entropy_uses_the_cosine_similarities_of_every_token_pair():
+    torch.manual_seed(0)
+    tokens = torch.randn(3, 16, 8)
+    sims = F.cosine_similarity(tokens.unsqueeze(1), tokens.unsqueeze(2), dim=-1).flatten(1)  # textbook (B, N*N)
+    lo, hi = sims.min(), sims.max()
+    xs = torch.linspace(0, 1, 10) * (hi - lo) + lo
+    pdf = torch.exp(-(xs[None, :, None] - sims[:, None, :]) ** 2 / (2 * 0.01 ** 2)).mean(-1) / math.sqrt(
+        2 * math.pi * 0.01 ** 2) + 1e-4
+    torch.testing.assert_close(patch_similarity_entropy(tokens), torch.trapezoid(-pdf * pdf.log(), xs, dim=-1))
 
 
 def test_psaq_images_raise_patch_similarity_entropy_over_gaussian():

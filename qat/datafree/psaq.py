@@ -34,7 +34,8 @@ class PSAQSettings:
 
 def patch_similarity_entropy(tokens: torch.Tensor, bandwidth: float = 0.01, grid: int = 10) -> torch.Tensor:
     """(B, N, d) patch tokens -> (B,) differential entropy of the KDE of their pairwise cosine similarities."""
-    sims = F.cosine_similarity(tokens.unsqueeze(1), tokens.unsqueeze(2), dim=-1).flatten(1)  # (B, N*N)
+    unit = F.normalize(tokens, dim=-1)
+    sims = (unit @ unit.transpose(1, 2)).flatten(1)  # (B, N*N) cosine similarities, one matmul: no (B, N, N, d)
     lo, hi = sims.min().detach(), sims.max().detach()
     xs = torch.linspace(0, 1, grid, device=tokens.device) * (hi - lo) + lo  # (grid,)
     kernel = torch.exp(-(xs[None, :, None] - sims[:, None, :]) ** 2 / (2 * bandwidth ** 2))
