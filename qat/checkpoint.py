@@ -46,6 +46,15 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     return model.to(map_location).eval()
 
 
+def shape_hint(mismatched: list[str], source: dict) -> str:
+    """The fix for an init_from shape mismatch: per-channel vs per-tensor weight steps, else another model."""
+    if all(k.endswith("weight_quantizer.step") for k in mismatched):
+        per_channel = source[mismatched[0]].numel() > 1
+        return (f"the checkpoint has {'per-channel' if per_channel else 'per-tensor'} weight steps; "
+                f"use quant.weight.per_channel={str(per_channel).lower()}")
+    return "is it the same model?"
+
+
 def init_from(model: nn.Module, path: str | Path, checkpoint=None) -> dict:
     """Two-step QAT: load matching weights and quantizer steps from a checkpoint file into `model`.
 
@@ -59,7 +68,7 @@ def init_from(model: nn.Module, path: str | Path, checkpoint=None) -> dict:
     source = state_of(load_checkpoint(path) if checkpoint is None else checkpoint, path, set(target))
     mismatched = [k for k, v in source.items() if k in target and target[k].shape != v.shape]
     if mismatched:
-        raise ValueError(f"init_from={path}: shapes differ for {mismatched[:10]}: is it the same model?")
+        raise ValueError(f"init_from={path}: shapes differ for {mismatched[:10]}: " + shape_hint(mismatched, source))
     result = model.load_state_dict(source, strict=False)
     loaded = len(source) - len(result.unexpected_keys)
     if loaded == 0:

@@ -94,6 +94,10 @@ def test_bias_corrected_per_channel_run_starts_qat_and_serves_as_teacher(fp_run,
     student = quantize_(create_model("vit_2_4_32"), QuantConfig(**summary["quant"]))
     info = init_from(student, resolve(tmp_path, tmp_path))
     assert info["missing"] == [] and info["unexpected"] == []
+    per_tensor = quantize_(create_model("vit_2_4_32"), QuantConfig(**{**summary["quant"], "weight": {
+        **summary["quant"]["weight"], "per_channel": False}}))
+    with pytest.raises(ValueError, match=r"has per-channel weight steps; use quant.weight.per_channel=true$"):
+        init_from(per_tensor, resolve(tmp_path, tmp_path))
     teacher = load_teacher({"name": "vit_2_4_32"}, resolve(tmp_path, tmp_path), quant=summary["quant"], num_classes=10)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(teacher(x), qat.load_model(tmp_path)(x))
