@@ -11,6 +11,7 @@ BITS=${*:-w4a4 w2a2}
 DATA=${DATA:-data.root=data/cifar10/cifar10-jpg data.num_workers=1}
 PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python )}
 RECON_ITERS=${RECON_ITERS:-200}
+RECON_LR=${RECON_LR:-$(python3 -c "print(4 / $RECON_ITERS)")}   # as bench/zoo_tables.sh
 INITS=${INITS:-lsq ptq}   # INITS=lsq / INITS=ptq: one of the two QAT runs (two shells can run one each)
 OUT=outputs/ptq_init/resnet20
 
@@ -19,7 +20,7 @@ done_() { grep -qs '"finished": true' "$1/summary.json"; }
 for q in $BITS; do
   ptq="$OUT/$q-ptq-adaround"
   done_ "$ptq" || "$PYTHON" ptq.py ckpt=zoo:resnet20 $DATA "quant=$q" ptq=adaround ptq.recon.iters="$RECON_ITERS" \
-    ptq.recon.lr="$(python3 -c "print(4 / $RECON_ITERS)")" "hydra.run.dir=$ptq"
+    ptq.recon.lr="$RECON_LR" "hydra.run.dir=$ptq"
   for init in $INITS; do
     run="$OUT/$q-qat-from-$init"   # weights per output channel in both: the PTQ start is mse_channel
     done_ "$run" && continue

@@ -29,7 +29,8 @@ def sha256_state(model: nn.Module) -> str:
 def cache_name(method: str, num_images: int, seed: int, settings) -> str:
     """`<method>_n<N>_seed<S>[_<tag>].npz`; the tag hashes the settings that differ from their defaults, so
     variants (e.g. ZeroQ with and without the IntraQ term) keep a file each instead of rebuilding each other's."""
-    changed = {k: v for k, v in settings.as_dict().items() if v != getattr(type(settings)(), k)}
+    defaults = type(settings)().as_dict()
+    changed = {k: v for k, v in settings.as_dict().items() if v != defaults[k]}
     tag = hashlib.sha256(json.dumps(changed, sort_keys=True).encode()).hexdigest()[:8] if changed else ""
     return f"{method}_n{num_images}_seed{seed}" + (f"_{tag}" if tag else "") + ".npz"
 
