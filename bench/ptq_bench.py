@@ -168,7 +168,11 @@ def method_label(summary: dict) -> str:
         prefix = f"recon[{'+'.join(recon['learn'])},{recon['granularity']}{drop},{recon['iters']}it]/"
     name = prefix + ("awq" if ptq["awq"] else obs) + ("+cle" if ptq.get("cle") else "")
     correction = {True: "+bias_correct", "empirical": "+bias_correct", "bn_stats": "+bn_stats_bias"}
-    return name + correction.get(ptq["bias_correct"], "")
+    quant = summary.get("quant") or {}  # seed 004: stem / head bits, groups on the post-LayerNorm inputs
+    stem = f"+stem_head{quant['head_stem_bits']}b" if quant.get("head_stem_bits") else ""
+    groups = f"+groups{quant['n_groups']}{'dyn' if quant.get('dynamic_groups') else ''}" if quant.get("n_groups") \
+        else ""
+    return name + correction.get(ptq["bias_correct"], "") + stem + groups
 
 
 def collect(root: str) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # PTQ tables on a zoo model, one ptq.py run per cell, resumable (a cell with a finished summary.json is skipped).
-#   bash bench/zoo_tables.sh [zoo name] [table ...]     tables: recon weights acts dfq datafree   (default: the first four)
+#   bash bench/zoo_tables.sh [zoo name] [table ...]     tables: recon weights acts dfq datafree vit004   (default: the first four)
 #   python -m bench.ptq_bench --collect outputs/tables/<zoo name>/<table>
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ DF_BITS=${DF_BITS:-w4a4 w5a5}                                # datafree: bit wid
 DF_SOURCES=${DF_SOURCES:-real gaussian zeroq zeroq_intraq}   # datafree: calibration images (BN-free ViTs: real gaussian psaq)
 DF_PTQ=${DF_PTQ:-mse_channel brecq}                          # datafree: methods run on every source
 DF_SYNTH=${DF_SYNTH:-}                                       # datafree: extra overrides of the synthetic sources
+VIT_BITS=${VIT_BITS:-w4a4 w6a6}                              # vit004: n_bits of seed 004
 
 source_args() {  # calibration source -> overrides (synthetic banks are cached: made once per model and settings)
   case $1 in
@@ -83,6 +84,17 @@ for table in $TABLES; do
           done
         done
       done ;;
-    *) echo "unknown table $table: choose from recon weights acts dfq datafree" >&2; exit 2 ;;
+    vit004)  # seed 004 (ptq=vit_ptq) and its parts: stem / head at n bits or 8 (or FP), groups off / static / dynamic
+      for q in $VIT_BITS; do
+        n=${q#w}; n=${n%%a*}
+        cell vit004 "$q" vit_ptq
+        cell vit004 "$q" vit_ptq ptq.dynamic_groups=true ptq.test_before_calibration=false
+        cell vit004 "$q" vit_ptq ptq.n_groups=null ptq.test_before_calibration=false
+        cell vit004 "$q" vit_ptq ptq.head_stem_8bit=false "quant.head_stem_bits=$n" ptq.test_before_calibration=false
+        cell vit004 "$q" vit_ptq ptq.head_stem_8bit=false "quant.head_stem_bits=$n" ptq.n_groups=null \
+          ptq.test_before_calibration=false
+        cell vit004 "$q" vit_ptq ptq.head_stem_8bit=false ptq.test_before_calibration=false  # stem / head FP
+      done ;;
+    *) echo "unknown table $table: choose from recon weights acts dfq datafree vit004" >&2; exit 2 ;;
   esac
 done

@@ -110,7 +110,15 @@ def test_ptq_run_with_head_stem_eps_and_no_fp_evaluation(fp_run, tmp_path, monke
     assert pipeline.evaluate(model, _sample_test()) == pytest.approx(summary["quant_acc"])
 
 
+def test_ptq_without_head_stem_8bit_keeps_quant_head_stem_bits(fp_run, tmp_path):
+    summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_channel", "quant.head_stem_bits=4")
+    assert summary["quant"]["head_stem_bits"] == 4
+    found = levels(qat.load_model(tmp_path))
+    assert found["classifier.fc"] == found["tokenizer.conv_layers.0.0"] == ((-7, 7), (-7, 7))
+
+
 @pytest.mark.parametrize("override,match", [
+    ("quant.head_stem_bits=4", r"ptq.head_stem_8bit=true puts the stem and head at 8 bits but quant.head_stem_bits=4"),
     ("ptq.eps=0", r"ptq.eps=0: the step floor must be a number > 0"),
     ("ptq.head_stem_8bit=8", r"ptq.head_stem_8bit=8: choose true"),
     ("ptq.test_before_calibration=maybe", r"ptq.test_before_calibration='maybe': choose true"),
@@ -122,7 +130,8 @@ def test_ptq_run_with_head_stem_eps_and_no_fp_evaluation(fp_run, tmp_path, monke
 def test_bad_seed004_keys_fail_before_work(fp_run, tmp_path, monkeypatch, override, match):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a: pytest.fail("evaluated before the error"))
     with pytest.raises(ValueError, match=match):
-        ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", override)
+        ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", override,
+            *(["ptq.head_stem_8bit=true"] if override.startswith("quant.head_stem_bits") else []))
 
 
 def fixed_stats(x: torch.Tensor, q) -> Stats:

@@ -65,7 +65,7 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
         if quant[key]["bits"] not in PTQ_BITS:
             raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                              f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
-    quant.update(seed004_keys(cfg.ptq))
+    quant.update(seed004_keys(cfg.ptq, quant.get("head_stem_bits")))
     recon = recon_config(cfg.ptq)
     learns_bias = recon is not None and bool({"eta", "b"} & set(recon.learn))
     quant["add_bias"] = bool(cfg.ptq.bias_correct) or folds(cfg.ptq) or learns_bias
@@ -75,17 +75,21 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
     return config
 
 
-def seed004_keys(ptq: DictConfig) -> dict:
-    """The QuantConfig fields set by ptq.head_stem_8bit, ptq.n_groups and ptq.dynamic_groups."""
+def seed004_keys(ptq: DictConfig, head_stem_bits: int | None = None) -> dict:
+    """The QuantConfig fields set by ptq.head_stem_8bit, ptq.n_groups and ptq.dynamic_groups. Without
+    head_stem_8bit the stem and head keep quant.head_stem_bits (null: FP; e.g. 4: at the other layers' bits)."""
     head_stem = ptq.get("head_stem_8bit", False)
     if not isinstance(head_stem, bool):
         raise ValueError(f"ptq.head_stem_8bit={head_stem!r}: choose true (stem and head at 8 bits) or false")
+    if head_stem and head_stem_bits not in (None, 8):
+        raise ValueError(f"ptq.head_stem_8bit=true puts the stem and head at 8 bits but quant.head_stem_bits="
+                         f"{head_stem_bits}: drop one of the two (ptq.head_stem_8bit=false keeps {head_stem_bits})")
     groups, dynamic = ptq.get("n_groups"), ptq.get("dynamic_groups", False)
     if groups is not None and (isinstance(groups, bool) or not isinstance(groups, int) or groups < 1):
         raise ValueError(f"ptq.n_groups={groups!r}: use an integer >= 1 (seed 004: 8) or null")
     if not isinstance(dynamic, bool):
         raise ValueError(f"ptq.dynamic_groups={dynamic!r}: choose true (per-instance groups) or false")
-    return {"head_stem_bits": 8 if head_stem else None, "n_groups": groups, "dynamic_groups": dynamic}
+    return {"head_stem_bits": 8 if head_stem else head_stem_bits, "n_groups": groups, "dynamic_groups": dynamic}
 
 
 def recon_config(ptq: DictConfig) -> ReconConfig | None:
