@@ -11,7 +11,7 @@ from torchmetrics import MaxMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from qat.guards import NonFiniteError, non_finite_report
-from qat.optim import OptimConfig, clip_gradients, cosine_schedule, param_groups
+from qat.optim import OptimConfig, build_optimizer, clip_gradients, cosine_schedule, param_groups
 
 
 class LitClassifier(L.LightningModule):
@@ -155,7 +155,7 @@ class LitClassifier(L.LightningModule):
         if self.distill is not None:
             groups += [{"params": list(self.distill.parameters()), "weight_decay": 0.0, "name": "distill"}]
             groups = [g for g in groups if g["params"]]
-        optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+        optimizer = build_optimizer(groups, o)
         scheduler = cosine_schedule(optimizer, o.epochs or self.trainer.max_epochs, o.warmup_epochs, o.warmup_lr,
                                     o.min_lr, o.cooldown_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

@@ -2,6 +2,7 @@
 import logging
 from dataclasses import dataclass
 
+import torch
 from timm.scheduler import CosineLRScheduler
 from timm.utils import dispatch_clip_grad
 from torch import nn
@@ -11,19 +12,24 @@ from qat.quant import LSQQuantizer, QuantLayerMixin
 log = logging.getLogger(__name__)
 
 NO_DECAY_NAMES = ("positional_emb", "class_emb", "pos_embed", "cls_token")
+OPTIMIZERS = ("adamw", "sgd")
 CLIP_MODES = ("norm", "agc", "value")
 LR_SCALE_RULES = ("none", "linear")
 
 
 @dataclass
 class OptimConfig:
-    """AdamW and schedule settings (conf/optim); `clip_mode` and `lr_scale_rule` are checked on construction."""
+    """Optimizer and schedule settings (conf/optim); `name`, `clip_mode` and `lr_scale_rule` are checked on
+    construction."""
 
+    name: str = "adamw"  # adamw (betas, eps) | sgd (momentum, nesterov; weight decay as L2)
     lr: float = 5.5e-4
     epochs: int | None = None  # schedule length; None = trainer.max_epochs (set both to train part of one)
     weight_decay: float = 0.06
     betas: tuple = (0.9, 0.999)
     eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
     warmup_epochs: int = 10
     warmup_lr: float = 1e-5
     min_lr: float = 1e-5
@@ -35,10 +41,17 @@ class OptimConfig:
     decay_embeddings: bool = True  # class token / position embedding decayed as in the original (reference §2.6)
 
     def __post_init__(self):
-        for key, valid in (("clip_mode", CLIP_MODES), ("lr_scale_rule", LR_SCALE_RULES)):
+        for key, valid in (("name", OPTIMIZERS), ("clip_mode", CLIP_MODES), ("lr_scale_rule", LR_SCALE_RULES)):
             value = getattr(self, key)
             if value not in valid:
                 raise ValueError(f"optim.{key}={value!r} is not valid: use one of {list(valid)}")
+
+
+def build_optimizer(groups: list[dict], o: OptimConfig) -> torch.optim.Optimizer:
+    """optim.name over the parameter groups (each group carries its own weight decay)."""
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+    return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
 def quant_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -1,11 +1,13 @@
-"""OptimConfig validation and AdamW parameter groups (quantizer parameters found by identity)."""
+"""OptimConfig validation, AdamW / SGD, parameter groups (quantizer parameters found by identity)."""
 import pytest
 import torch
 from torch import nn
 
+from qat.builders import as_dict
 from qat.models import create_model
-from qat.optim import OptimConfig, param_groups, quant_parameters
+from qat.optim import OptimConfig, build_optimizer, param_groups, quant_parameters
 from qat.quant import LSQQuantizer, QuantConfig, quantize_
+from tests.conftest import compose_config
 
 
 def names(model: nn.Module, groups: dict) -> dict[str, list[str]]:
@@ -13,7 +15,8 @@ def names(model: nn.Module, groups: dict) -> dict[str, list[str]]:
     return {group: [name_of[id(p)] for p in g["params"]] for group, g in groups.items()}
 
 
-@pytest.mark.parametrize("key,value,valid", [("clip_mode", "max", "['norm', 'agc', 'value']"),
+@pytest.mark.parametrize("key,value,valid", [("name", "adam", "['adamw', 'sgd']"),
+                                             ("clip_mode", "max", "['norm', 'agc', 'value']"),
                                              ("lr_scale_rule", "sqrt", "['none', 'linear']")])
 def test_bad_choice_is_a_one_line_error(key, value, valid):
     message = f"optim.{key}='{value}' is not valid: use one of {valid}"
@@ -54,3 +57,24 @@ def test_class_and_position_embeddings_are_decayed_by_default(decay_embeddings):
 
 def test_decay_embeddings_defaults_to_the_original():
     assert OptimConfig().decay_embeddings is True
+
+
+def test_optim_sgd_composes_and_steps_as_nesterov_sgd_with_l2_on_weights_only(tmp_path):
+    o = OptimConfig(**as_dict(compose_config(["optim=sgd", "optim.lr=0.5"], tmp_path).optim))
+    assert (o.name, o.lr, o.weight_decay, o.momentum, o.nesterov) == ("sgd", 0.5, 5e-4, 0.9, True)
+    o.weight_decay = 0.1
+    model = nn.Linear(2, 1)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    opt = build_optimizer(param_groups(model, o.weight_decay, None), o)
+    assert isinstance(opt, torch.optim.SGD)
+    model(torch.ones(1, 2)).sum().backward()  # dL/dw = 1, dL/db = 1
+    opt.step()
+    # first step, zero buffer: buf = g; nesterov update g + momentum * buf = (1 + m) g, g with L2 on the weight
+    m = o.momentum
+    assert torch.allclose(model.weight, w0 - 0.5 * (1 + m) * (1 + 0.1 * w0))
+    assert torch.allclose(model.bias, b0 - 0.5 * (1 + m) * torch.ones(1))
+
+
+def test_optim_default_is_adamw(tmp_path):
+    o = OptimConfig(**as_dict(compose_config([], tmp_path).optim))
+    assert isinstance(build_optimizer(param_groups(nn.Linear(2, 1), 0.1, None), o), torch.optim.AdamW)
