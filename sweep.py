@@ -4,6 +4,8 @@
     python sweep.py run log/28353 --with-deps --launcher joblib --budget short trainer=gpu
     python sweep.py run 'repro/*_s?' --jobs 2 --budget cpu_long  # two runs at once, one thread each
     python sweep.py collect outputs/sweeps/full               # -> results.md, results.csv
+    python sweep.py archive outputs/sweeps/cpu_long --out bench/results/runs   # finished rows, no checkpoints
+    python sweep.py run 'repro/*_s?' --done bench/results/runs ...             # skip the archived rows
 
 Each dependency level (rows whose teachers / init_from runs are finished) is one
 `train.py -m experiment=a,b,...` multirun through the chosen Hydra launcher, so a level runs in parallel
@@ -12,6 +14,9 @@ with joblib or SLURM. With the local launcher and --jobs N > 1, every run is its
 started as soon as its dependencies finished. Run dirs are stable (<outputs>/sweeps/<budget>/<name>):
 re-running the same command skips rows with a finished summary.json and resumes the others from last.ckpt
 (resume=auto). A `zoo:<name>` dependency is not a run: zoo/<name> must exist, else nothing starts.
+`archive` keeps what a finished run reports (summary.json, metrics.csv, train.log, hparams.yaml) where outputs/
+does not last, and `run --done <archive>` skips those rows; a row that needs an archived row's checkpoint (its
+teacher or init_from run) is refused until that row is rerun under --outputs.
 Arguments with '=' are passed to train.py as overrides.
 """
 import argparse
@@ -22,6 +27,7 @@ import importlib.util
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -71,6 +77,36 @@ def finished_runs(root: Path) -> dict[str, Path]:
         if summary.get("name"):
             found.setdefault(summary["name"], summary["_path"])
     return found
+
+
+ARCHIVED = ("summary.json", "metrics.csv", "train.log", "hparams.yaml")
+
+
+def archive(root: Path, out: Path) -> list[str]:
+    """Copy ARCHIVED of every finished run below `root` to out/<same relative dir> (each file written atomically);
+    the names archived."""
+    root, names = Path(root).resolve(), []
+    for summary in summaries(root, finished=True):
+        run_dir = summary["_path"].parent
+        dest = Path(out) / run_dir.relative_to(root)
+        dest.mkdir(parents=True, exist_ok=True)
+        for file in ARCHIVED:
+            if (run_dir / file).is_file():
+                tmp = dest / f".{file}.tmp"
+                shutil.copyfile(run_dir / file, tmp)
+                os.replace(tmp, dest / file)
+        names.append(str(summary.get("name") or run_dir.name))
+    return names
+
+
+def check_archived_deps(deps: dict[str, list[str]], archived: set[str], done: set[str], archive_dirs: list[str]):
+    """A row to run whose dependency finished only in an archive (no checkpoint there): one line, before any work."""
+    for name, needed in deps.items():
+        for dep in needed:
+            if dep in archived and dep not in done:
+                raise ValueError(f"{name} needs the checkpoint of {dep}, which finished in --done "
+                                 f"{' '.join(archive_dirs)} (no checkpoints kept there): rerun {dep} under --outputs "
+                                 f"with {name}, e.g. python sweep.py run {dep} {name} (without --done)")
 
 
 def pending(selected: list[str], done: set[str], with_deps: bool, root: Path) -> dict[str, list[str]]:
@@ -240,10 +276,12 @@ def run(args: argparse.Namespace) -> int:
     selected = select([a for a in args.experiments if "=" not in a], experiment_names())
     sweep_dir = Path(args.outputs).resolve() / "sweeps" / args.budget
     done = finished_runs(sweep_dir)
+    archived = {n: p for d in args.done for n, p in finished_runs(Path(d)).items() if n not in done}
     for name in selected:
-        if name in done:
-            print(f"# skip {name}: finished ({done[name]})")
-    deps = pending(selected, set(done), args.with_deps, sweep_dir)
+        if name in done or name in archived:
+            print(f"# skip {name}: finished ({done.get(name) or archived[name]})")
+    deps = pending(selected, set(done) | set(archived), args.with_deps, sweep_dir)
+    check_archived_deps(deps, set(archived), set(done), args.done)
     for problem in missing_zoo(list(deps)):
         if not args.dry_run:
             raise ValueError(problem)
@@ -252,7 +290,7 @@ def run(args: argparse.Namespace) -> int:
         last = sweep_dir / name / "checkpoints" / "last.ckpt"
         if last.is_file():
             print(f"# resume {name} from {last}")
-    levels = order(deps, set(done))
+    levels = order(deps, set(done) | set(archived))
     if not levels:
         print("# nothing to run: every selected experiment has finished")
     parallel = args.launcher == "local" and (args.jobs or 1) > 1
@@ -334,10 +372,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--outputs", default="outputs", help="outputs root; runs go to <outputs>/sweeps/<budget>")
     r.add_argument("--with-deps", action="store_true", help="also run unfinished teachers / init_from rows")
     r.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    r.add_argument("--done", action="append", default=[], metavar="DIR",
+                   help="finished runs archived below DIR (sweep.py archive) count as done; repeatable")
     c = sub.add_parser("collect", help="results.md / results.csv from every summary.json below a dir")
     c.add_argument("dir")
     c.add_argument("--out", help="where to write results.md / results.csv (default: the dir)")
     c.add_argument("--plots", action="store_true", help="also curves, lr, quantizer heatmaps and report.md")
+    a = sub.add_parser("archive", help="copy what finished runs report (no checkpoints) to another dir")
+    a.add_argument("dir")
+    a.add_argument("--out", required=True, help="the archive, e.g. bench/results/<set>/runs")
     sub.add_parser("list", help="print every experiment name with its description")
     return p
 
@@ -352,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
         return run(args)
     if args.command == "collect":
         collect(Path(args.dir), Path(args.out or args.dir), plots=args.plots)
+        return 0
+    if args.command == "archive":
+        names = archive(Path(args.dir), Path(args.out))
+        print(f"# archived {len(names)} finished runs to {args.out}: {' '.join(sorted(names))}")
         return 0
     for name in experiment_names():
         print(f"{name:24s} {OmegaConf.load(EXPERIMENTS / f'{name}.yaml').get('description', '')}")

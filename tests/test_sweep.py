@@ -298,3 +298,30 @@ def test_collect_gives_each_repro_row_its_mean_seeds_and_findings(tmp_path):
             "(log: 24259 90.83 vs 15133 89.48)") in text
     assert "- 4-bit > 2-bit activations (with KD) (act4b_kd vs act2b_kd): not run (log: " in text
     assert "- a stronger teacher helps weight-quantized but not activation-quantized students: not run" in text
+
+
+def test_archive_keeps_finished_rows_without_checkpoints_and_run_done_skips_them(tmp_path, monkeypatch, capsys):
+    empty_zoo(monkeypatch, tmp_path, "vit_6_4_32")
+    sweep_dir = tmp_path / "old" / "sweeps" / "cpu_long"
+    fp = fake_run(sweep_dir, "repro/fp_s0", test_acc=55.0)
+    (fp / "metrics.csv").write_text("epoch,val/acc1\n0,55.0\n")
+    (fp / "checkpoints").mkdir()
+    (fp / "checkpoints" / "best.ckpt").write_bytes(b"weights")
+    fake_run(sweep_dir, "repro/act2b_kd_s0", test_acc=50.0)
+    fake_run(sweep_dir, "repro/act2b_s0", finished=False)
+    archive = tmp_path / "results" / "runs"
+    assert sweep.main(["archive", str(sweep_dir), "--out", str(archive)]) == 0
+    assert sorted(p.relative_to(archive).as_posix() for p in archive.rglob("*") if p.is_file()) == [
+        "repro/act2b_kd_s0/summary.json", "repro/fp_s0/metrics.csv", "repro/fp_s0/summary.json"]
+    assert (archive / "repro/fp_s0/metrics.csv").read_text() == "epoch,val/acc1\n0,55.0\n"
+    capsys.readouterr()
+    args = ["run", "repro/fp_s0", "repro/act2b_s0", "--jobs", "2", "--budget", "cpu_long", "--dry-run",
+            "--outputs", str(tmp_path / "new"), "--done", str(archive)]
+    assert sweep.main(args) == 0
+    out = capsys.readouterr().out
+    assert "# skip repro/fp_s0: finished" in out and levels_of(out) == [["repro/act2b_s0"]]
+    with pytest.raises(ValueError, match=r"^repro/w2a2_kd_twostep_s0 needs the checkpoint of repro/act2b_kd_s0, "
+                                         r"which finished in --done .*rerun repro/act2b_kd_s0 under --outputs"):
+        sweep.main(args[:1] + ["repro/w2a2_kd_twostep_s0"] + args[3:])
+    sweep.main(["collect", str(archive), "--out", str(tmp_path / "results")])
+    assert "| fp |  | 55.00 | not run |" in (tmp_path / "results" / "results.md").read_text()
