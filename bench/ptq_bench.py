@@ -175,9 +175,16 @@ def method_label(summary: dict) -> str:
     return name + correction.get(ptq["bias_correct"], "") + stem + groups
 
 
+def unit_loss_cell(result: dict) -> str:
+    """'final / start' over the calibration set, or '~rec_loss' (the last minibatch) for runs made before set_loss."""
+    if "final_loss" in result:
+        return f"{result['final_loss']:.3g} / {result['start_loss']:.3g}"
+    return f"~{result['rec_loss']:.3g}"
+
+
 def collect(root: str) -> str:
     """The seed's tables (method rows; W8A32..W2A32, W32A8..W32A2 and WxAy columns) from the summary.json files
-    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell; then the final
+    of PTQ runs below `root` (e.g. a `ptq.py -m` multirun dir): top-1 and seconds per cell; then the
     reconstruction loss of every unit for the runs that reconstructed."""
     cells, fp, losses = {}, {}, {}
     for path in sorted(Path(root).rglob("summary.json")):
@@ -189,7 +196,7 @@ def collect(root: str) -> str:
         if fp.get(s["model"]) is None:  # ptq.test_before_calibration=false leaves fp_acc null
             fp[s["model"]] = s["fp_acc"]
         if "recon" in s:
-            losses[(s["model"], col, label)] = {u: r["rec_loss"] for u, r in s["recon"]["units"].items()}
+            losses[(s["model"], col, label)] = {u: unit_loss_cell(r) for u, r in s["recon"]["units"].items()}
     out = []
     for model in sorted(fp):
         both = sorted({c for (mod, _, c) in cells if mod == model and "32" not in c}, reverse=True)
@@ -197,9 +204,10 @@ def collect(root: str) -> str:
             out += _table(model, fp[model], cells, cols)
     for (model, col), rows in _group(losses).items():
         units = list(dict.fromkeys(u for r in rows.values() for u in r))
-        out += [f"#### {model} {col}: final reconstruction loss per unit", "", "| Method | " + " | ".join(units) + " |",
-                "|---" * (len(units) + 1) + "|"]
-        out += [f"| {m} | " + " | ".join(f"{r[u]:.3g}" if u in r else "" for u in units) + " |" for m, r in rows.items()]
+        out += [f"#### {model} {col}: reconstruction loss per unit (calibration set: final / nearest-rounding "
+                "start; `~x` = last minibatch while fitting, older runs)", "",
+                "| Method | " + " | ".join(units) + " |", "|---" * (len(units) + 1) + "|"]
+        out += [f"| {m} | " + " | ".join(r.get(u, "") for u in units) + " |" for m, r in rows.items()]
         out.append("")
     return "\n".join(out)
 

@@ -130,22 +130,26 @@ def test_ptq_collect_tables_and_reconstruction_losses(tmp_path):
              "iters": 200}
     runs = {"a": ({"weight": 4, "act": None}, {**base, "recon": {"enabled": False}}, 61.0, None),
             "b": ({"weight": 2, "act": 2}, {**base, "recon": {"enabled": False}}, 12.5, None),
-            "c": ({"weight": 2, "act": 2}, {**base, "recon": recon}, 30.25, {"layer1.0": 0.5, "fc": 2.0}),
+            "c": ({"weight": 2, "act": 2}, {**base, "recon": recon}, 30.25, {"layer1.0": {"rec_loss": 0.5},
+                                                                            "fc": {"rec_loss": 2.0}}),
+            "e": ({"weight": 3, "act": 3}, {**base, "recon": recon}, 50.0, {
+                "layer1.0": {"rec_loss": 0.5, "start_loss": 0.75, "final_loss": 0.25}}),
             "d": ({"weight": 4, "act": 4}, {**base, "recon": {"enabled": False}}, 40.5, None)}
     seed004 = {"d": {"head_stem_bits": 8, "n_groups": 8, "dynamic_groups": True}}
     for name, (bits, method, acc, units) in runs.items():
         (tmp_path / name).mkdir()
         summary = {"model": "resnet20", "bits": bits, "method": method, "quant": seed004.get(name, {}),
                    "quant_acc": acc, "fp_acc": 62.0,
-                   "total_time_s": 3.0, **({"recon": {"units": {u: {"rec_loss": v} for u, v in units.items()}}}
+                   "total_time_s": 3.0, **({"recon": {"units": units}}
                                            if units else {})}
         (tmp_path / name / "summary.json").write_text(json.dumps(summary))
     text = collect(str(tmp_path))
     assert "| PTQ/mse_channel | 62.00 | " in text and "61.00 (3s)" in text
-    assert "| Method | W32A32 | W4A4 | W2A2 |" in text
-    assert "| PTQ/mse_channel+stem_head8b+groups8dyn | 62.00 | 40.50 (3s) |  |" in text
-    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 62.00 |  | 30.25 (3s) |" in text
-    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 0.5 | 2 |" in text
+    assert "| Method | W32A32 | W4A4 | W3A3 | W2A2 |" in text
+    assert "| PTQ/mse_channel+stem_head8b+groups8dyn | 62.00 | 40.50 (3s) |  |  |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 62.00 |  | 50.00 (3s) | 30.25 (3s) |" in text
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | ~0.5 | ~2 |" in text  # last minibatch
+    assert "| recon[alpha+s_x+xi+eta,block,drop0.5,200it]/mse_channel | 0.25 / 0.75 |" in text  # final / start
 
 
 def test_recon_memory_smoke(tmp_path):

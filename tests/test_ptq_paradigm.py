@@ -123,6 +123,22 @@ def test_adaqtransform_fits_better_than_adaround_alone():
     assert losses[("alpha", "s_x", "xi", "eta")] < losses[("alpha", "s_x")]
 
 
+def test_start_and_final_loss_are_the_objective_over_the_whole_calibration_set():
+    model, x = toy("linear", per_channel=True, act_bits=3)
+    xh = x.half().float()  # what reconstruct_ caches (float16)
+    with torch.no_grad(), quantizers_off(model):
+        y = model(x).half().float()
+    with torch.no_grad():
+        start = float(reconstruct.output_error(model(xh), y))
+    cfg = ReconConfig(learn=("alpha", "s_x", "xi", "eta"), granularity="layer", iters=300, batch_size=24, drop_prob=0.5)
+    result = reconstruct_(model, [x], cfg)["0"]  # 64 inputs: batches of 24, 24, 16
+    with torch.no_grad():
+        final = float(reconstruct.output_error(model(xh), y))
+    assert result["start_loss"] == pytest.approx(start, rel=1e-5)
+    assert result["final_loss"] == pytest.approx(final, rel=1e-5)
+    assert result["final_loss"] < result["start_loss"]
+
+
 def test_qdrop_keeps_the_given_fraction_fp_while_active():
     q = LSQQuantizer(2)
     q.initialize_(torch.randn(100))

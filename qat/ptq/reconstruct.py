@@ -184,12 +184,29 @@ def unit_loss(unit: nn.Module, layers: list, x, y, cfg: ReconConfig) -> torch.Te
     return output_error(unit(x), y)
 
 
+@torch.no_grad()
+def set_loss(unit: nn.Module, layers: list, inputs: torch.Tensor | None, targets: torch.Tensor | None,
+             cfg: ReconConfig) -> float:
+    """The unit's objective over every cached input, in batches, without QDrop and with the rounding as it stands:
+    before fitting the calibrated start (nearest rounding), after folding the hard-rounded result."""
+    if inputs is None:
+        return float(unit_loss(unit, layers, None, None, cfg))
+    device, total = next(unit.parameters()).device, 0.0
+    for i in range(0, len(inputs), cfg.batch_size):
+        x, y = inputs[i:i + cfg.batch_size].to(device).float(), targets[i:i + cfg.batch_size].to(device)
+        total += float(unit_loss(unit, layers, x, y, cfg)) * len(x)
+    return total / len(inputs)
+
+
 def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor | None, cfg: ReconConfig) -> dict:
-    """Fit the unit's learnt set on (inputs, targets), then fold it (`fold_`): an ordinary quantized unit."""
+    """Fit the unit's learnt set on (inputs, targets), then fold it (`fold_`): an ordinary quantized unit.
+    rec_loss = the last minibatch's loss while fitting (soft rounding, QDrop on); start_loss / final_loss =
+    `set_loss` before fitting and after folding."""
     frozen = {p: p.requires_grad for p in unit.parameters()}
     for p in frozen:
         p.requires_grad_(False)
     layers = [m for m in unit.modules() if has_weight_quantizer(m)]
+    start = set_loss(unit, layers, inputs, targets, cfg)
     weights = [attach_(m, cfg.rounding, cfg.learn, cfg.decoupled) for m in layers]
     acts = [q for q in unit.modules() if isinstance(q, LSQQuantizer) and q.enabled]
     opt = torch.optim.Adam(param_groups(layers, weights, acts, cfg))
@@ -217,7 +234,8 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor
         fold_(m)
     for p, flag in frozen.items():
         p.requires_grad_(flag)
-    return {"rec_loss": float(rec.detach()), "undecided": soft}
+    return {"rec_loss": float(rec.detach()), "start_loss": start, "final_loss": set_loss(unit, layers, inputs, targets, cfg),
+            "undecided": soft}
 
 
 def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig):
@@ -249,7 +267,7 @@ def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str,
         start = {k: v.clone() for k, v in unit.state_dict().items()}
         with torch.enable_grad():
             result = report[name or "network"] = fit_unit(unit, inputs, targets, cfg)
-        if not math.isfinite(result["rec_loss"]):  # keep the calibrated start rather than a NaN unit
+        if not all(math.isfinite(result[k]) for k in ("rec_loss", "final_loss") if k in result):  # keep the start
             unit.load_state_dict(start)
             result["diverged"] = True
             log.warning("recon %s: the loss became %s; the unit keeps its calibrated start (nearest rounding)",
