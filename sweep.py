@@ -84,7 +84,7 @@ ARCHIVED = ("summary.json", "metrics.csv", "train.log", "hparams.yaml")
 
 def archive(root: Path, out: Path) -> list[str]:
     """Copy ARCHIVED of every finished run below `root` to out/<same relative dir> (each file written atomically);
-    the names archived."""
+    the run dirs archived, relative to `root`."""
     root, names = Path(root).resolve(), []
     for summary in summaries(root, finished=True):
         run_dir = summary["_path"].parent
@@ -95,7 +95,7 @@ def archive(root: Path, out: Path) -> list[str]:
                 tmp = dest / f".{file}.tmp"
                 shutil.copyfile(run_dir / file, tmp)
                 os.replace(tmp, dest / file)
-        names.append(str(summary.get("name") or run_dir.name))
+        names.append(run_dir.relative_to(root).as_posix())
     return names
 
 
