@@ -234,8 +234,8 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor
         fold_(m)
     for p, flag in frozen.items():
         p.requires_grad_(flag)
-    return {"rec_loss": float(rec.detach()), "start_loss": start, "final_loss": set_loss(unit, layers, inputs, targets, cfg),
-            "undecided": soft}
+    final = set_loss(unit, layers, inputs, targets, cfg)
+    return {"rec_loss": float(rec.detach()), "start_loss": start, "final_loss": final, "undecided": soft}
 
 
 def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig):
