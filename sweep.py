@@ -99,11 +99,11 @@ def archive(root: Path, out: Path) -> list[str]:
     return names
 
 
-def check_archived_deps(deps: dict[str, list[str]], archived: set[str], done: set[str], archive_dirs: list[str]):
+def check_archived_deps(deps: dict[str, list[str]], archived: set[str], archive_dirs: list[str]):
     """A row to run whose dependency finished only in an archive (no checkpoint there): one line, before any work."""
     for name, needed in deps.items():
         for dep in needed:
-            if dep in archived and dep not in done:
+            if dep in archived:
                 raise ValueError(f"{name} needs the checkpoint of {dep}, which finished in --done "
                                  f"{' '.join(archive_dirs)} (no checkpoints kept there): rerun {dep} under --outputs "
                                  f"with {name}, e.g. python sweep.py run {dep} {name} (without --done)")
@@ -277,11 +277,12 @@ def run(args: argparse.Namespace) -> int:
     sweep_dir = Path(args.outputs).resolve() / "sweeps" / args.budget
     done = finished_runs(sweep_dir)
     archived = {n: p for d in args.done for n, p in finished_runs(Path(d)).items() if n not in done}
+    finished = {**archived, **done}  # name -> summary.json; a run under --outputs wins over its archived copy
     for name in selected:
-        if name in done or name in archived:
-            print(f"# skip {name}: finished ({done.get(name) or archived[name]})")
-    deps = pending(selected, set(done) | set(archived), args.with_deps, sweep_dir)
-    check_archived_deps(deps, set(archived), set(done), args.done)
+        if name in finished:
+            print(f"# skip {name}: finished ({finished[name]})")
+    deps = pending(selected, set(finished), args.with_deps, sweep_dir)
+    check_archived_deps(deps, set(archived), args.done)
     for problem in missing_zoo(list(deps)):
         if not args.dry_run:
             raise ValueError(problem)
@@ -290,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         last = sweep_dir / name / "checkpoints" / "last.ckpt"
         if last.is_file():
             print(f"# resume {name} from {last}")
-    levels = order(deps, set(done) | set(archived))
+    levels = order(deps, set(finished))
     if not levels:
         print("# nothing to run: every selected experiment has finished")
     parallel = args.launcher == "local" and (args.jobs or 1) > 1
