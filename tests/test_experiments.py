@@ -184,7 +184,8 @@ def test_optuna_search_space(tmp_path):
 
 REPRO_BASE = {"fp": "14289", "act2b": "15133", "act2b_kd": "24259", "act2b_kd_mse2": "24259", "act4b_kd": "25878",
               "w2_kd": "24220", "w2a2_kd_onestep": "25863", "w2a2_kd_twostep": "25863",
-              "act2b_attn_signed_kd": "25911", "act2b_attn_unsigned_kd": "25997"}
+              "act2b_attn_signed_kd": "25911", "act2b_attn_unsigned_kd": "25997",
+              "w2_kd_resnet": "24221", "act2b_kd_resnet": "24222"}  # the log's CCT teacher -> zoo:resnet20_pad
 REPRO = [n for n in sweep.experiment_names() if re.fullmatch(r"repro/.+_s\d", n)]
 
 
@@ -202,14 +203,19 @@ def test_repro_row_is_its_log_row_with_the_zoo_teacher_and_a_seed(tmp_path, name
     cfg = compose_config([f"experiment={name}"], tmp_path)
     log_cfg = compose_config([f"experiment=log/{REPRO_BASE[row]}"], tmp_path)
     assert cfg.seed == int(seed) and cfg.data.seed == int(seed)
-    for key in ("model", "quant", "optim", "data.aug", "kd.teacher.model", "trainer.precision"):
+    for key in ("model", "quant", "optim", "data.aug", "trainer.precision"):
         assert OmegaConf.select(cfg, key) == OmegaConf.select(log_cfg, key), key
     assert cfg.kd.loss.mse_alpha == (2.0 if row == "act2b_kd_mse2" else 0.0)
     kd = cfg.kd.teacher.model is not None
-    assert cfg.kd.teacher.checkpoint == ("zoo:vit_6_4_32" if kd else "auto")
+    strong = row.endswith("_resnet")  # the log's CCT teacher, replaced by the CNN zoo:resnet20_pad
+    teacher = "resnet20_pad" if strong else "vit_6_4_32"
+    if kd:
+        assert log_cfg.kd.teacher.model.name == ("cct_7_3x1_32" if strong else cfg.kd.teacher.model.name)
+        assert cfg.kd.teacher.model.name == ("resnet20" if strong else "vit_6_4_32")
+    assert cfg.kd.teacher.checkpoint == (f"zoo:{teacher}" if kd else "auto")
     two_step = f"repro/act2b_kd_s{seed}"
     assert cfg.init_from == (f"experiment:{two_step}" if row == "w2a2_kd_twostep" else None)
-    assert list(cfg.depends_on) == ["zoo:vit_6_4_32"] * kd + [two_step] * (row == "w2a2_kd_twostep")
+    assert list(cfg.depends_on) == [f"zoo:{teacher}"] * kd + [two_step] * (row == "w2a2_kd_twostep")
 
 
 def test_every_repro_row_has_two_seeds():

@@ -5,7 +5,7 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.awq import awq_, fold_pairs
-from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
+from qat.ptq.bias_correction import bias_correct_, calls_per_forward, output_means, quant_layers
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
 from qat.quant import QuantConfig, quantize_, quantizers_off
@@ -42,6 +42,48 @@ def test_bias_correction_zeroes_the_mean_error_per_channel():
     for name in layers:
         assert float((before[name] - fp[name]).abs().max()) > 1e-4
         torch.testing.assert_close(after[name], fp[name], atol=2e-5, rtol=0)
+
+
+def test_a_pass_stopped_at_its_layer_gives_the_same_mean_and_runs_nothing_after_it():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 3}, act={"bits": 4}, add_bias=True))
+    layers = quant_layers(model)
+    first, *later = layers
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(model, batches, create_observer("minmax"))
+    seen = []
+    hooks = [layers[n].register_forward_hook(lambda *_, n=n: seen.append(n)) for n in later]
+    stopped = output_means(model, {first: layers[first]}, batches, stop_at=first)
+    assert seen == []
+    for h in hooks:
+        h.remove()
+    assert torch.equal(stopped[first], output_means(model, {first: layers[first]}, batches)[first])
+
+
+class Twice(nn.Module):
+    """The same quantized conv applied twice in one forward: its pass must not stop at the first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_bias_correction_of_a_layer_run_twice_uses_both_calls():
+    torch.manual_seed(0)
+    model = quantize_(Twice().eval(), QuantConfig(weight={"bits": 2}, add_bias=True))
+    batches = [torch.randn(4, 4, 6, 6, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(model, batches, create_observer("minmax"))
+    layers = quant_layers(model)
+    assert calls_per_forward(model, layers, batches[0]) == {"conv": 2}
+    with quantizers_off(model):
+        fp = output_means(model, layers, batches)
+    error = output_means(model, layers, batches)["conv"] - fp["conv"]  # over both calls
+    bias = model.conv.bias.detach().clone()
+    bias_correct_(model, batches)
+    torch.testing.assert_close(model.conv.bias.detach(), bias - error.float(), atol=1e-6, rtol=0)
+    assert float(error.abs().max()) > 1e-3
 
 
 def test_bias_correction_needs_a_bias():

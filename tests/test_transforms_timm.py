@@ -71,3 +71,13 @@ def test_eval_transform_equals_the_previous_builder():
         new = [eval_transform(size, CIFAR10_MEAN, CIFAR10_STD)(img) for img in imgs]
         old = [reference_eval(size, CIFAR10_MEAN, CIFAR10_STD)(img) for img in imgs]
         assert all(torch.equal(a, b) for a, b in zip(new, old)) and new[-1].shape == (3, size, size)
+
+
+def test_pad_crops_the_zero_padded_image_instead_of_resizing():
+    aug = {"pad": 4, "auto_augment": None, "color_jitter": 0.0}
+    reference = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(0.5), T.ToTensor(),
+                           T.Normalize(CIFAR10_MEAN, CIFAR10_STD)])
+    imgs = images()[:-1]
+    for seed in (0, 1):
+        new = outputs(train_transform(32, CIFAR10_MEAN, CIFAR10_STD, aug), imgs, seed)
+        assert torch.equal(new, outputs(reference, imgs, seed))

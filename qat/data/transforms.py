@@ -2,6 +2,7 @@
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data.random_erasing import RandomErasing
+from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision import transforms as T
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -11,6 +12,7 @@ AUG_DEFAULTS = {  # the log's baseline recipe
     "auto_augment": "rand-m9-mstd0.5-inc1",  # null = 'no aa' (ColorJitter 0.4 takes its place)
     "color_jitter": 0.4,
     "scale": (0.8, 1.0),
+    "pad": 0,                     # > 0: random crop of the zero-padded image (the CIFAR ResNet crop), not resized
     "hflip": 0.5,
     "reprob": 0.0,                # random erasing, pixel mode
     "erase_on_batch": False,      # true: erase the mixed, normalized batch (the original); false: per sample
@@ -40,14 +42,19 @@ def posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
 
 
 def train_transform(img_size: int, mean, std, aug: dict | None = None) -> T.Compose:
-    """timm's training stack with the log's switches: RandomResizedCrop (random interpolation), flip,
-    RandAugment (or ColorJitter when auto_augment is null), normalise, pixel-mode random erasing."""
+    """timm's training stack with the log's switches: RandomResizedCrop (random interpolation; with `pad` > 0 a
+    random crop of the padded image instead), flip, RandAugment (or ColorJitter when auto_augment is null),
+    normalise, pixel-mode random erasing."""
     aug = check_aug(aug)
     transform = create_transform(img_size, is_training=True, scale=tuple(aug["scale"]), hflip=aug["hflip"],
                                  color_jitter=aug["color_jitter"] or None, auto_augment=aug["auto_augment"],
                                  interpolation="random", mean=mean, std=std,
                                  re_prob=0.0 if aug["erase_on_batch"] else aug["reprob"], re_mode="pixel",
                                  re_count=1)
+    if aug["pad"] > 0:
+        transform.transforms = [T.RandomCrop(img_size, padding=aug["pad"])
+                                if isinstance(step, RandomResizedCropAndInterpolation) else step
+                                for step in transform.transforms]
     for step in transform.transforms:
         for op in getattr(step, "ops", ()):  # RandAugment: the local posterize (Pillow >= 11 rejects 0 bits)
             if op.name.startswith("Posterize"):
