@@ -1,7 +1,9 @@
-"""PTQ speed: calibration time per observer, AdaRound iterations/s vs a textbook loop, recon time scaling.
+"""PTQ speed: calibration time per observer, AdaRound iterations/s vs a textbook loop, recon time scaling,
+bias correction vs whole forward passes.
 
     python -m bench.ptq_bench            # resnet20, 1024 images; writes bench/results/ptq_bench.json (+ table)
     python -m bench.ptq_bench --smoke    # tiny sizes, seconds
+    python -m bench.ptq_bench --only bias_correction   # one section (its own ptq_bench_<section>.json / .md)
     python -m bench.ptq_bench --collect outputs/multirun/<ptq multirun>   # accuracy tables of PTQ runs
 
 Weights are random (BatchNorm statistics from random batches) and images N(0, 1): these are times, not
@@ -17,6 +19,7 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.adaround import GAMMA, ZETA
+from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import OBSERVERS, create_observer
 from qat.ptq.reconstruct import ReconConfig, capture, fit_unit, reconstruct_, units
@@ -151,6 +154,40 @@ def recon_scaling(models: list[str], iters: list[int], n: int) -> list[dict]:
     return rows
 
 
+@torch.no_grad()
+def whole_pass_bias_correct_(model: nn.Module, batches: list) -> None:
+    """The baseline: every layer's mean output from whole forward passes (bias_correct_ before it stopped them)."""
+    layers = quant_layers(model)
+    with quantizers_off(model):
+        fp = output_means(model, layers, batches)
+    for name, layer in layers.items():
+        layer.bias.sub_((output_means(model, {name: layer}, batches)[name] - fp[name]).to(layer.bias.dtype))
+
+
+def bias_correction_speed(n: int, models: list[str]) -> list[dict]:
+    """Seconds of bias_correct_ (each layer's pass ends at that layer) vs whole passes, same model and images;
+    the corrected biases must agree."""
+    rows = []
+    for name in models:
+        times, biases = {}, {}
+        for label, correct in (("whole", whole_pass_bias_correct_), ("stopped", bias_correct_)):
+            torch.manual_seed(0)
+            model = create_model(name)
+            with torch.no_grad():
+                model.train()(torch.randn(64, 3, 32, 32))
+            model = quantize_(model.eval(), QuantConfig(weight={"bits": 4, "per_channel": True}, add_bias=True))
+            batches = list(torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)).split(128))
+            calibrate(model, batches, create_observer("minmax"))
+            start = time.perf_counter()
+            correct(model, batches)
+            times[label] = time.perf_counter() - start
+            biases[label] = torch.cat([m.bias.detach().flatten() for m in quant_layers(model).values()])
+        rows.append({"model": name, "layers": len(quant_layers(model)), "images": n, "whole_s": times["whole"],
+                     "stopped_s": times["stopped"], "speedup": times["whole"] / times["stopped"],
+                     "max_bias_diff": float((biases["whole"] - biases["stopped"]).abs().max())})
+    return rows
+
+
 def table(rows: list[dict]) -> str:
     keys = list(rows[0])
     fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
@@ -233,6 +270,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--only", help="run one section: calibration, adaround, vit_block, scaling, bias_correction")
     parser.add_argument("--collect", metavar="DIR", help="print the accuracy tables of the PTQ runs below DIR")
     args = parser.parse_args(argv)
     if args.collect:
@@ -240,16 +278,25 @@ def main(argv=None) -> dict:
         return {}
     torch.set_num_threads(1)
     small = args.smoke
-    result = {"calibration": calibration_times(64 if small else 1024),
-              "adaround": adaround_speed(5 if small else 200, 8 if small else 32),
-              "vit_block": vit_block_speed(3 if small else 50, 8 if small else 32, "vit_2_4_32" if small else "vit_6_4_32"),
-              "scaling": recon_scaling(["resnet20"] if small else ["resnet20", "resnet32"],
-                                       [2, 4] if small else [50, 100], 32 if small else 256)}
+    sections = {
+        "calibration": lambda: calibration_times(64 if small else 1024),
+        "adaround": lambda: adaround_speed(5 if small else 200, 8 if small else 32),
+        "vit_block": lambda: vit_block_speed(3 if small else 50, 8 if small else 32,
+                                             "vit_2_4_32" if small else "vit_6_4_32"),
+        "scaling": lambda: recon_scaling(["resnet20"] if small else ["resnet20", "resnet32"],
+                                         [2, 4] if small else [50, 100], 32 if small else 256),
+        "bias_correction": lambda: bias_correction_speed(16 if small else 256,
+                                                         ["vit_2_4_32"] if small else ["resnet20", "vit_6_4_32"]),
+    }
+    if args.only and args.only not in sections:
+        parser.error(f"--only {args.only}: choose one of {sorted(sections)}")
+    result = {k: run() for k, run in sections.items() if args.only in (None, k)}
+    stem = f"ptq_bench_{args.only}" if args.only else "ptq_bench"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "ptq_bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     text = "\n\n".join(f"### {k}\n\n{table(v)}" for k, v in result.items())
-    (out / "ptq_bench.md").write_text(text + "\n")
+    (out / f"{stem}.md").write_text(text + "\n")
     print(text)
     return result
 

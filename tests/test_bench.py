@@ -161,3 +161,12 @@ def test_recon_memory_smoke(tmp_path):
     assert json.loads((tmp_path / "recon_memory.json").read_text()) == row
     assert row["block_recon_mb"] > row["weights_mb"] > 0 and row["fp_inference_mb"] > row["weights_mb"]
     assert abs(row["ratio"] - row["block_recon_mb"] / row["fp_inference_mb"]) < 0.02
+
+
+def test_bias_correction_bench_agrees_with_whole_passes(tmp_path):
+    from bench import ptq_bench
+    [row] = ptq_bench.main(["--smoke", "--only", "bias_correction", "--out", str(tmp_path)])["bias_correction"]
+    assert row["model"] == "vit_2_4_32" and row["layers"] == 8 and row["max_bias_diff"] < 1e-6
+    assert (tmp_path / "ptq_bench_bias_correction.json").exists()
+    with pytest.raises(SystemExit):
+        ptq_bench.main(["--smoke", "--only", "bias", "--out", str(tmp_path)])
