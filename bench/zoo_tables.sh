@@ -2,6 +2,8 @@
 # PTQ tables on a zoo model, one ptq.py run per cell, resumable (a cell with a finished summary.json is skipped).
 #   bash bench/zoo_tables.sh [zoo name] [table ...]     tables: recon weights acts dfq datafree vit004   (default: the first four)
 #   python -m bench.ptq_bench --collect outputs/tables/<zoo name>/<table>
+# Two shells can share a table: a cell another shell is running is skipped (run the second with the bits reversed,
+# e.g. ACT_BITS="w32a2 w32a3 w32a4 w32a5 w32a6 w32a7 w32a8").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ZOO=${1:-resnet20_short}
@@ -37,6 +39,8 @@ cell() {  # table quant ptq [overrides...]
   local table=$1 quant=$2 ptq=$3; shift 3
   local dir="outputs/tables/$ZOO/$table/$quant-$ptq${*:+-$(echo "$*" | tr ' =/' '_:-')}"
   if grep -qs '"finished": true' "$dir/summary.json"; then return; fi
+  local pattern; pattern=$(printf '%s' "hydra.run.dir=$dir" | sed 's/[][\.*^$+?(){}|]/\\&/g')
+  if pgrep -f -- "$pattern( |\$)" > /dev/null; then echo "-- $dir: running in another shell"; return; fi
   echo "== $dir"
   "$PYTHON" ptq.py "ckpt=zoo:$ZOO" $DATA "quant=$quant" "ptq=$ptq" "hydra.run.dir=$dir" "$@"
 }
