@@ -26,14 +26,16 @@ class _Reached(Exception):
 
 
 @torch.no_grad()
-def output_means(model: nn.Module, layers: dict[str, nn.Module], batches: list,
-                 stop_at: str | None = None) -> dict[str, torch.Tensor]:
+def output_means(model: nn.Module, layers: dict[str, nn.Module], batches: list, stop_at: str | None = None,
+                 calls: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
     """{name: mean output per channel over `batches`} for `layers`, in the model's current mode; with `stop_at`
-    (a layer called once per forward) each forward ends right after that layer."""
-    sums = {name: 0.0 for name in layers}
+    (a layer called once per forward) each forward ends right after that layer; `calls`, if given, gets how
+    often each layer ran per forward."""
+    sums, counts = {name: 0.0 for name in layers}, dict.fromkeys(layers, 0)
 
     def record(module, args, y, name):
         sums[name] = sums[name] + channel_mean(y, module)
+        counts[name] += 1
         if name == stop_at:
             raise _Reached
 
@@ -47,21 +49,9 @@ def output_means(model: nn.Module, layers: dict[str, nn.Module], batches: list,
     finally:
         for h in hooks:
             h.remove()
+    if calls is not None:
+        calls.update({name: n // len(batches) for name, n in counts.items()})
     return {name: s / len(batches) for name, s in sums.items()}
-
-
-@torch.no_grad()
-def calls_per_forward(model: nn.Module, layers: dict[str, nn.Module], batch) -> dict[str, int]:
-    """{name: how often the layer runs in one forward of `batch`}."""
-    calls = dict.fromkeys(layers, 0)
-    hooks = [layer.register_forward_hook(lambda *_, n=name: calls.__setitem__(n, calls[n] + 1))
-             for name, layer in layers.items()]
-    try:
-        model(inputs_of(batch))
-    finally:
-        for h in hooks:
-            h.remove()
-    return calls
 
 
 def quant_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -82,9 +72,10 @@ def bias_correct_(model: nn.Module, batches: list) -> dict[str, float]:
                          "quantize with QuantConfig(add_bias=True)")
     was_training = model.training
     model.eval()
+    calls = {}
     with quantizers_off(model):
-        fp = output_means(model, layers, batches)
-        once = {name for name, n in calls_per_forward(model, layers, batches[0]).items() if n == 1}
+        fp = output_means(model, layers, batches, calls=calls)
+    once = {name for name, n in calls.items() if n == 1}
     report = {}
     for name, layer in layers.items():
         error = output_means(model, {name: layer}, batches, stop_at=name if name in once else None)[name] - fp[name]
