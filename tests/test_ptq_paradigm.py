@@ -293,3 +293,25 @@ def test_capture_fills_one_float16_tensor_over_uneven_batches():
     with torch.no_grad():
         hidden = model[1](model[0](x))
         assert torch.equal(inputs, hidden.half()) and torch.equal(outputs, model[2](hidden).half())
+
+
+def test_later_units_fit_to_the_fp_model_not_to_earlier_folds(monkeypatch):
+    """Unit 1's targets are the FP model's outputs, although unit 0 was folded to hard-rounded 2-bit weights first."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 8))
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        fp_targets = model(x)
+    quantize_(model, QuantConfig(weight={"bits": 2}, act={"bits": 4}))
+    calibrate(model, [x], create_observer("mse", grid=20))
+    seen = {}
+    real_fit = reconstruct.fit_unit
+
+    def spy(unit, inputs, targets, cfg):
+        seen[unit] = targets
+        return real_fit(unit, inputs, targets, cfg)
+    monkeypatch.setattr(reconstruct, "fit_unit", spy)
+    reconstruct_(model, [x], ReconConfig(granularity="layer", iters=20, batch_size=16))
+    torch.testing.assert_close(seen[model[1]].float(), fp_targets, atol=1e-2, rtol=1e-2)  # float16 cache
+    with quantizers_off(model), torch.no_grad():  # the folded model with FP inputs is far from them
+        assert (model(x) - fp_targets).abs().max() > 0.1

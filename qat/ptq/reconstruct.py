@@ -4,8 +4,11 @@ that fits each unit's quantized output to the FP one on calibration data, learni
 
 AdaRound / BRECQ, QDrop, NWQ, Case 2.2, AdaQTransform and LSQ-style corners are presets of ReconConfig
 (conf/ptq/*.yaml). Unit inputs come from the quantized model with the earlier units already reconstructed;
-targets are the FP model's unit outputs (or the labels, objective ce). Both are cached on CPU in float16.
+targets are the FP model's unit outputs (or the labels, objective ce), from a copy taken before the first unit is
+fitted: a fitted unit's folded weights are fitted to quantized inputs and would move every later target. Both are
+cached on CPU in float16.
 """
+import copy
 import logging
 import math
 from contextlib import contextmanager
@@ -238,9 +241,9 @@ def fit_unit(unit: nn.Module, inputs: torch.Tensor | None, targets: torch.Tensor
     return {"rec_loss": float(rec.detach()), "start_loss": start, "final_loss": final, "undecided": soft}
 
 
-def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig):
-    """(inputs, targets) of a unit: quantized-model inputs and FP outputs (or labels, objective ce); None for
-    weight_mse."""
+def unit_data(model: nn.Module, reference: nn.Module | None, name: str, batches: list, cfg: ReconConfig):
+    """(inputs, targets) of unit `name`: inputs in the quantized `model`, outputs in the FP `reference` (or
+    the labels, objective ce); None for weight_mse."""
     if cfg.objective == "weight_mse":
         return None, None
     if cfg.objective == "ce":
@@ -248,9 +251,9 @@ def unit_data(model: nn.Module, unit: nn.Module, batches: list, cfg: ReconConfig
             raise ValueError("ptq.recon.objective=ce needs labelled calibration batches ((images, labels) pairs)")
         targets = torch.cat([b[1] for b in batches])
     else:
-        with quantizers_off(model):
-            targets = capture(model, unit, batches, output=True)
-    return capture(model, unit, batches, output=False), targets
+        with quantizers_off(reference):
+            targets = capture(reference, reference.get_submodule(name), batches, output=True)
+    return capture(model, model.get_submodule(name), batches, output=False), targets
 
 
 def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str, dict]:
@@ -261,9 +264,10 @@ def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str,
                          "set quant.weight (e.g. quant=w4a32) or ptq.recon.enabled=false")
     was_training = model.training
     model.eval()
+    reference = copy.deepcopy(model) if cfg.objective == "output_mse" else None
     report = {}
     for name, unit in todo:
-        inputs, targets = unit_data(model, unit, batches, cfg)
+        inputs, targets = unit_data(model, reference, name, batches, cfg)
         start = {k: v.clone() for k, v in unit.state_dict().items()}
         with torch.enable_grad():
             result = report[name or "network"] = fit_unit(unit, inputs, targets, cfg)
