@@ -85,10 +85,10 @@ class Codes(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.quantized:
             return x
-        v = (x - self.offset) / self.scale if self.has_offset else x / self.scale
+        v = (x - self.offset).div_(self.scale) if self.has_offset else x / self.scale
         if self.binary:
             return v.ge(0).float() * 2 - 1
-        return v.clamp(self.qmin, self.qmax).round()
+        return v.clamp_(self.qmin, self.qmax).round_()  # in place on the fresh v: one activation-sized tensor
 
 
 def weight_codes(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, float]:
@@ -124,10 +124,10 @@ class IntLayer(nn.Module):
 
     def rescale(self, acc: torch.Tensor, window_sum) -> torch.Tensor:
         """s_a * s_w * acc [+ s_a * o_w * sum of A over the window] + bias."""
-        y = acc.float() * (self.act.scale * self.w_scale)
+        y = acc.float().mul_(self.act.scale * self.w_scale)  # acc is the op's fresh output: rescale in place
         if self.has_w_offset:
-            y = y + self.act.scale * self.w_offset * window_sum()
-        return y + self.bias
+            y.add_(self.act.scale * self.w_offset * window_sum())
+        return y.add_(self.bias)
 
     def codes_in(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
         if self.has_input_bias:
@@ -173,7 +173,7 @@ class IntConv2d(IntLayer):
         a, dtype = self.codes_in(x)
         y = self.rescale(self.conv(a.to(dtype), self.weight.to(dtype)), lambda: self.window_sum(a))
         if self.act.has_offset:
-            y = y + self.conv(torch.ones_like(x[:1]), self.offset_kernel)
+            y.add_(self.conv(torch.ones_like(x[:1]), self.offset_kernel))
         return y.to(x.dtype)
 
 
@@ -183,7 +183,7 @@ def attention_on_codes(q, k, v, codes: tuple[Codes, Codes, Codes, Codes], scale:
     cq, ck, cv, cp = codes
     a, b = cq(q), ck(k)
     dtype = acc_dtype(q.shape[-1], cq.amax, ck.amax)
-    scores = (a.to(dtype) @ b.to(dtype).transpose(-2, -1)).float() * (cq.scale * ck.scale * scale)
+    scores = (a.to(dtype) @ b.to(dtype).transpose(-2, -1)).float().mul_(cq.scale * ck.scale * scale)
     p, c = cp(scores.softmax(dim=-1)), cv(v)
     dtype = acc_dtype(q.shape[-2], cp.amax, cv.amax)
-    return (p.to(dtype) @ c.to(dtype)).float() * (cp.scale * cv.scale)
+    return (p.to(dtype) @ c.to(dtype)).float().mul_(cp.scale * cv.scale)
