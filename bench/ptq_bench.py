@@ -19,7 +19,7 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.adaround import GAMMA, ZETA
-from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
+from qat.ptq.bias_correction import bias_correct_, output_moments, quant_layers
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import OBSERVERS, create_observer
 from qat.ptq.reconstruct import ReconConfig, capture, fit_unit, reconstruct_, units
@@ -159,9 +159,10 @@ def whole_pass_bias_correct_(model: nn.Module, batches: list) -> None:
     """The baseline: every layer's mean output from whole forward passes (bias_correct_ before it stopped them)."""
     layers = quant_layers(model)
     with quantizers_off(model):
-        fp = output_means(model, layers, batches)
+        fp = output_moments(model, layers, batches)
     for name, layer in layers.items():
-        layer.bias.sub_((output_means(model, {name: layer}, batches)[name] - fp[name]).to(layer.bias.dtype))
+        error = output_moments(model, {name: layer}, batches)[name][0] - fp[name][0]
+        layer.bias.sub_(error.to(layer.bias.dtype))
 
 
 def bias_correction_speed(n: int, models: list[str]) -> list[dict]:

@@ -58,6 +58,7 @@ for table in $TABLES; do
       for q in $WEIGHT_BITS; do
         for p in minmax_layer minmax_channel mse_channel awq; do cell weights "$q" "$p"; done
         cell weights "$q" mse_channel ptq.bias_correct=true
+        cell weights "$q" mse_channel ptq.bias_correct=variance
       done
       for q in $ADAROUND_BITS; do
         cell weights "$q" adaround ptq.recon.iters="$RECON_ITERS" ptq.recon.lr="$RECON_LR"

@@ -67,7 +67,8 @@ def test_bn_stats_correction_changes_only_corrected_biases(resnet_run, tmp_path)
 
 
 @pytest.mark.parametrize("overrides,match", [
-    (["ptq.bias_correct=maybe"], r"ptq.bias_correct='maybe': choose one of \[False, True, 'empirical', 'bn_stats'\]"),
+    (["ptq.bias_correct=maybe"], r"ptq.bias_correct='maybe': choose one of \[False, True, 'empirical', 'variance', 'bn_stats'\]"),
+    (["ptq.bias_correct=variance"], r"ptq.bias_correct=variance scales .* ptq.granularity='layer' .* ptq.granularity=channel"),
     (["ptq.cle=true"], r"cle: ViTLite has no conv/linear -> ReLU -> conv/linear pair .* or drop ptq.cle"),
     (["ptq=dfq", "ptq.cle=false"], r"ptq.bias_correct=bn_stats: ViTLite has no conv -> BatchNorm pair"),
 ])

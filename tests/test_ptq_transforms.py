@@ -5,7 +5,7 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.awq import awq_, fold_pairs
-from qat.ptq.bias_correction import bias_correct_, output_means, quant_layers
+from qat.ptq.bias_correction import bias_correct_, output_moments, quant_layers
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
 from qat.quant import QuantConfig, quantize_, quantizers_off
@@ -28,16 +28,20 @@ def toy() -> nn.Module:
                          nn.Linear(8 * 4 * 4, 5)).eval()
 
 
+def means(model, layers, batches, **kw):
+    return {name: m[0] for name, m in output_moments(model, layers, batches, **kw).items()}
+
+
 def test_bias_correction_zeroes_the_mean_error_per_channel():
     model = quantize_(toy(), QuantConfig(weight={"bits": 3}, act={"bits": 4}, add_bias=True))
     batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
     calibrate(model, batches, create_observer("minmax"))
     layers = quant_layers(model)
     with quantizers_off(model):
-        fp = output_means(model, layers, batches)
-    before = output_means(model.eval(), layers, batches)
+        fp = means(model, layers, batches)
+    before = means(model.eval(), layers, batches)
     report = bias_correct_(model, batches)
-    after = output_means(model.eval(), layers, batches)
+    after = means(model.eval(), layers, batches)
     assert max(report.values()) > 1e-3  # there was an error to correct
     for name in layers:
         assert float((before[name] - fp[name]).abs().max()) > 1e-4
@@ -52,11 +56,11 @@ def test_a_pass_stopped_at_its_layer_gives_the_same_mean_and_runs_nothing_after_
     calibrate(model, batches, create_observer("minmax"))
     seen = []
     hooks = [layers[n].register_forward_hook(lambda *_, n=n: seen.append(n)) for n in later]
-    stopped = output_means(model, {first: layers[first]}, batches, stop_at=first)
+    stopped = output_moments(model, {first: layers[first]}, batches, stop_at=first)
     assert seen == []
     for h in hooks:
         h.remove()
-    assert torch.equal(stopped[first], output_means(model, {first: layers[first]}, batches)[first])
+    assert torch.equal(stopped[first], output_moments(model, {first: layers[first]}, batches)[first])
 
 
 class Twice(nn.Module):
@@ -78,13 +82,48 @@ def test_bias_correction_of_a_layer_run_twice_uses_both_calls():
     layers = quant_layers(model)
     calls = {}
     with quantizers_off(model):
-        fp = output_means(model, layers, batches, calls=calls)
+        fp = means(model, layers, batches, calls=calls)
     assert calls == {"conv": 2}
-    error = output_means(model, layers, batches)["conv"] - fp["conv"]  # over both calls
+    error = means(model, layers, batches)["conv"] - fp["conv"]  # over both calls
     bias = model.conv.bias.detach().clone()
     bias_correct_(model, batches)
     torch.testing.assert_close(model.conv.bias.detach(), bias - error.float(), atol=1e-6, rtol=0)
     assert float(error.abs().max()) > 1e-3
+
+
+def test_moments_are_the_mean_and_mean_square_per_output_channel():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 3}, add_bias=True))
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    calibrate(model, [x], create_observer("minmax"))
+    with torch.no_grad():
+        y = model[0](x).double()  # (4, 8, 6, 6): channel dim 1
+    got = output_moments(model, {"0": model[0]}, [x])["0"]
+    torch.testing.assert_close(got, torch.stack([y.mean((0, 2, 3)), y.square().mean((0, 2, 3))]))
+
+
+def test_variance_correction_matches_mean_and_std_per_channel_and_keeps_the_levels():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 2, "per_channel": True}, act={"bits": 4}, add_bias=True))
+    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    calibrate(model, batches, create_observer("mse"))
+    layers = quant_layers(model)
+    with quantizers_off(model):
+        fp = output_moments(model, layers, batches)
+    before = output_moments(model.eval(), layers, batches)
+    levels = {n: m.weight_quantizer.levels(m.weight) for n, m in layers.items()}
+    bias_correct_(model, batches, variance=True)
+    after = output_moments(model.eval(), layers, batches)
+    std = lambda m: (m[1] - m[0].square()).sqrt()  # noqa: E731
+    assert max(float((std(before[n]) / std(fp[n]) - 1).abs().max()) for n in layers) > 0.05  # W2 changed the std
+    for name, layer in layers.items():
+        torch.testing.assert_close(after[name][0], fp[name][0], atol=1e-4, rtol=0)
+        torch.testing.assert_close(std(after[name]), std(fp[name]), atol=1e-4, rtol=1e-4)
+        assert torch.equal(layer.weight_quantizer.levels(layer.weight), levels[name])
+
+
+def test_variance_correction_needs_per_channel_weight_steps():
+    model = quantize_(toy(), QuantConfig(weight={"bits": 3}, add_bias=True))
+    with pytest.raises(ValueError, match=r"bias_correct=variance .* per-tensor weight steps.*ptq.granularity=channel"):
+        bias_correct_(model, [torch.randn(2, 3, 8, 8)], variance=True)
 
 
 def test_bias_correction_needs_a_bias():

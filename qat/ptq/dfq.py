@@ -10,7 +10,7 @@ from qat.datafree.dfq import fold_equalize_
 from qat.datafree.equalize import equalizable_links
 from qat.datafree.fold import OutputStats, fold_bn_
 
-BIAS_CORRECT = (False, True, "empirical", "bn_stats")
+BIAS_CORRECT = (False, True, "empirical", "variance", "bn_stats")
 
 
 def folds(ptq: DictConfig) -> bool:

@@ -65,6 +65,10 @@ def quant_config(cfg: DictConfig) -> QuantConfig:
         if quant[key]["bits"] not in PTQ_BITS:
             raise ValueError(f"quant.{key}.bits={quant[key]['bits']}: PTQ supports {PTQ_BITS.start}.."
                              f"{PTQ_BITS.stop - 1} bits (1-bit sign quantizers have no observer)")
+    if cfg.ptq.bias_correct == "variance" and quant.get("weight") is not None and granularity["weight"] != "channel":
+        raise ValueError(f"ptq.bias_correct=variance scales each output channel's weight step: ptq.granularity="
+                         f"{granularity['weight']!r} has one step per layer; set ptq.granularity=channel "
+                         "(e.g. ptq=mse_channel) or ptq.bias_correct=empirical")
     quant.update(seed004_keys(cfg.ptq, quant.get("head_stem_bits")))
     recon = recon_config(cfg.ptq)
     learns_bias = recon is not None and bool({"eta", "b"} & set(recon.learn))
@@ -172,10 +176,11 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     t = time.perf_counter()
     facts["quant_mse"] = calibrate(model, batches, weight_obs, act_obs, int(ptq.max_samples))
     facts["calibration_time_s"] = time.perf_counter() - t
-    if ptq.bias_correct:  # true | empirical | bn_stats (checked by check_datafree)
+    if ptq.bias_correct:  # true | empirical | variance | bn_stats (checked by check_datafree)
         t = time.perf_counter()
-        bn_stats = ptq.bias_correct == "bn_stats"
-        facts["bias_correction"] = bn_bias_correct_(model, stats) if bn_stats else bias_correct_(model, batches)
+        bn_stats, variance = ptq.bias_correct == "bn_stats", ptq.bias_correct == "variance"
+        facts["bias_correction"] = bn_bias_correct_(model, stats) if bn_stats else \
+            bias_correct_(model, batches, variance=variance)
         facts["bias_correction_time_s"] = time.perf_counter() - t
     if recon is not None:
         t = time.perf_counter()
