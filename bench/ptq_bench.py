@@ -205,7 +205,8 @@ def method_label(summary: dict) -> str:
         drop = f",drop{recon['drop_prob']:g}" if recon["drop_prob"] else ""
         prefix = f"recon[{'+'.join(recon['learn'])},{recon['granularity']}{drop},{recon['iters']}it]/"
     name = prefix + ("awq" if ptq["awq"] else obs) + ("+cle" if ptq.get("cle") else "")
-    correction = {True: "+bias_correct", "empirical": "+bias_correct", "bn_stats": "+bn_stats_bias"}
+    correction = {True: "+bias_correct", "empirical": "+bias_correct", "variance": "+variance_correct",
+                  "bn_stats": "+bn_stats_bias"}
     quant = summary.get("quant") or {}  # seed 004: stem / head bits, groups on the post-LayerNorm inputs
     stem = f"+stem_head{quant['head_stem_bits']}b" if quant.get("head_stem_bits") else ""
     groups = f"+groups{quant['n_groups']}{'dyn' if quant.get('dynamic_groups') else ''}" if quant.get("n_groups") \
