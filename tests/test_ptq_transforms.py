@@ -5,7 +5,7 @@ from torch import nn
 
 from qat.models import create_model
 from qat.ptq.awq import awq_, fold_pairs
-from qat.ptq.bias_correction import bias_correct_, output_moments, quant_layers
+from qat.ptq.bias_correction import bias_correct_, output_moments, quant_layers, std
 from qat.ptq.calibrate import calibrate
 from qat.ptq.observers import create_observer
 from qat.quant import QuantConfig, quantize_, quantizers_off
@@ -32,11 +32,16 @@ def means(model, layers, batches, **kw):
     return {name: m[0] for name, m in output_moments(model, layers, batches, **kw).items()}
 
 
-def test_bias_correction_zeroes_the_mean_error_per_channel():
-    model = quantize_(toy(), QuantConfig(weight={"bits": 3}, act={"bits": 4}, add_bias=True))
+def calibrated_toy(weight: dict, observer: str):
+    """(toy quantized at `weight` with 4-bit inputs and biases everywhere, its two batches, its layers)."""
+    model = quantize_(toy(), QuantConfig(weight=weight, act={"bits": 4}, add_bias=True))
     batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    calibrate(model, batches, create_observer("minmax"))
-    layers = quant_layers(model)
+    calibrate(model, batches, create_observer(observer))
+    return model, batches, quant_layers(model)
+
+
+def test_bias_correction_zeroes_the_mean_error_per_channel():
+    model, batches, layers = calibrated_toy({"bits": 3}, "minmax")
     with quantizers_off(model):
         fp = means(model, layers, batches)
     before = means(model.eval(), layers, batches)
@@ -102,17 +107,13 @@ def test_moments_are_the_mean_and_mean_square_per_output_channel():
 
 
 def test_variance_correction_matches_mean_and_std_per_channel_and_keeps_the_levels():
-    model = quantize_(toy(), QuantConfig(weight={"bits": 2, "per_channel": True}, act={"bits": 4}, add_bias=True))
-    batches = [torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    calibrate(model, batches, create_observer("mse"))
-    layers = quant_layers(model)
+    model, batches, layers = calibrated_toy({"bits": 2, "per_channel": True}, "mse")
     with quantizers_off(model):
         fp = output_moments(model, layers, batches)
     before = output_moments(model.eval(), layers, batches)
     levels = {n: m.weight_quantizer.levels(m.weight) for n, m in layers.items()}
     bias_correct_(model, batches, variance=True)
     after = output_moments(model.eval(), layers, batches)
-    std = lambda m: (m[1] - m[0].square()).sqrt()  # noqa: E731
     assert max(float((std(before[n]) / std(fp[n]) - 1).abs().max()) for n in layers) > 0.05  # W2 changed the std
     for name, layer in layers.items():
         torch.testing.assert_close(after[name][0], fp[name][0], atol=1e-4, rtol=0)
