@@ -106,8 +106,9 @@ def test_moments_are_the_mean_and_mean_square_per_output_channel():
     torch.testing.assert_close(got, torch.stack([y.mean((0, 2, 3)), y.square().mean((0, 2, 3))]))
 
 
-def test_variance_correction_matches_mean_and_std_per_channel_and_keeps_the_levels():
-    model, batches, layers = calibrated_toy({"bits": 2, "per_channel": True}, "mse")
+@pytest.mark.parametrize("offset", [False, True])
+def test_variance_correction_matches_mean_and_std_per_channel_and_keeps_the_levels(offset):
+    model, batches, layers = calibrated_toy({"bits": 2, "per_channel": True, "learnable_offset": offset}, "mse")
     with quantizers_off(model):
         fp = output_moments(model, layers, batches)
     before = output_moments(model.eval(), layers, batches)
