@@ -143,6 +143,27 @@ def test_bad_input_fails_before_work(fp_run, tmp_path, monkeypatch, overrides, e
     assert not (tmp_path / "summary.json").exists()
 
 
+@pytest.mark.parametrize("correction", ["true", "variance"])
+def test_reconstruction_after_bias_correction_fits_to_the_fp_model(fp_run, tmp_path, monkeypatch, correction):
+    """Bias correction changes biases (variance: weights too); reconstruction's targets still come from FP ones."""
+    seen = {}
+    real = pipeline.reconstruct_
+
+    def spy(model, batches, cfg, reference=None):
+        target_source = model if reference is None else reference  # reconstruct_ copies model without one
+        seen["reference"] = {k: v.clone() for k, v in target_source.state_dict().items()}
+        seen["corrected"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return real(model, batches, cfg, reference) if reference is not None else real(model, batches, cfg)
+    monkeypatch.setattr(pipeline, "reconstruct_", spy)
+    ptq(tmp_path, f"ckpt={fp_run}", "quant=w2a32", "ptq=adaround", "ptq.granularity=channel",
+        f"ptq.bias_correct={correction}")
+    state = torch.load(fp_run / "checkpoints" / "best.ckpt")["state_dict"]
+    fp = {k.removeprefix("model."): v for k, v in state.items()}
+    for key, value in fp.items():
+        assert torch.equal(seen["reference"][key], value), key
+    assert any(not torch.equal(seen["corrected"][k], v) for k, v in fp.items())  # the correction changed something
+
+
 def test_unknown_zoo_name_lists_the_zoo(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"zoo:nope: no zoo model 'nope'; the zoo .* has"):
         ptq(tmp_path, "ckpt=zoo:nope")

@@ -3,6 +3,7 @@
 The run dir has summary.json and checkpoints/best.ckpt in the run checkpoint format, so `qat.load_model`,
 `train.py init_from=<run>` and `kd.checkpoint=<run>` read it as they read a training run.
 """
+import copy
 import dataclasses
 import logging
 import time
@@ -176,6 +177,8 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
     t = time.perf_counter()
     facts["quant_mse"] = calibrate(model, batches, weight_obs, act_obs, int(ptq.max_samples))
     facts["calibration_time_s"] = time.perf_counter() - t
+    # reconstruction's FP targets: the weights and biases as they are before bias correction changes them
+    reference = copy.deepcopy(model) if recon is not None and recon.objective == "output_mse" else None
     if ptq.bias_correct:  # true | empirical | variance | bn_stats (checked by check_datafree)
         t = time.perf_counter()
         bn_stats, variance = ptq.bias_correct == "bn_stats", ptq.bias_correct == "variance"
@@ -184,7 +187,7 @@ def quantize_model(model, config: QuantConfig, batches: list, cfg: DictConfig) -
         facts["bias_correction_time_s"] = time.perf_counter() - t
     if recon is not None:
         t = time.perf_counter()
-        report = reconstruct_(model, batches, recon)
+        report = reconstruct_(model, batches, recon, reference)
         facts["recon"] = {**dataclasses.asdict(recon), "units": report,
                           "time_s": time.perf_counter() - t}
     facts["total_time_s"] = time.perf_counter() - start  # quantization work, without the two evaluations

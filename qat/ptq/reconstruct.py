@@ -5,7 +5,8 @@ that fits each unit's quantized output to the FP one on calibration data, learni
 AdaRound / BRECQ, QDrop, NWQ, Case 2.2, AdaQTransform and LSQ-style corners are presets of ReconConfig
 (conf/ptq/*.yaml). Unit inputs come from the quantized model with the earlier units already reconstructed;
 targets are the FP model's unit outputs (or the labels, objective ce), from a copy taken before the first unit is
-fitted: a fitted unit's folded weights are fitted to quantized inputs and would move every later target. Both are
+fitted (or before bias correction, by ptq.py): a fitted unit's folded weights are fitted to quantized inputs and
+would move every later target. Both are
 cached on CPU in float16.
 """
 import copy
@@ -256,15 +257,21 @@ def unit_data(model: nn.Module, reference: nn.Module | None, name: str, batches:
     return capture(model, model.get_submodule(name), batches, output=False), targets
 
 
-def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig) -> dict[str, dict]:
-    """Reconstruct every unit of `model` in order (in place); returns {unit: final losses}."""
+def reconstruct_(model: nn.Module, batches: list, cfg: ReconConfig, reference: nn.Module | None = None
+                 ) -> dict[str, dict]:
+    """Reconstruct every unit of `model` in order (in place); returns {unit: final losses}.
+
+    `reference` gives the FP targets with its quantizers off: a model of the same structure holding the FP weights
+    and biases. Default: a copy of `model` taken now, right unless something changed them since quantize_ (bias
+    correction does: pass a copy from before it)."""
     todo = units(model, cfg.granularity)
     if not todo:
         raise ValueError("ptq.recon: the model has no quantized layer with a weight quantizer to reconstruct; "
                          "set quant.weight (e.g. quant=w4a32) or ptq.recon.enabled=false")
     was_training = model.training
     model.eval()
-    reference = copy.deepcopy(model) if cfg.objective == "output_mse" else None
+    if reference is None and cfg.objective == "output_mse":
+        reference = copy.deepcopy(model)
     report = {}
     for name, unit in todo:
         inputs, targets = unit_data(model, reference, name, batches, cfg)
