@@ -2,11 +2,13 @@
 
 Layers are corrected in model order, each against the FP model's output on the same calibration batches
 and with the corrections of the layers before it in place, so after the pass the mean output of every
-quantized layer equals the FP mean per channel (on the calibration data). With `variance=True` the std per
-channel is matched too: y -> r * (y - mean_q) + mean_fp with r = std_fp / std_q, folded into the weight and its
-per-channel step (the integer levels stay) and the bias. Low-bit weights shrink a layer's output (resnet20 W2:
-std 0.5-0.8 of FP), and restoring only the mean then moves every ReLU threshold (bench/PTQ.md). The forward of a layer's pass stops
+quantized layer equals the FP mean per channel (on the calibration data). The forward of a layer's pass stops
 at that layer (the rest of the model cannot change its output), about half the cost of whole passes.
+
+With `variance=True` the std per channel is matched too: y -> r * (y - mean_q) + mean_fp, r = std_fp / std_q,
+folded into the weight and its per-channel step (the integer levels stay) and the bias. Low-bit weights shrink a
+layer's output (resnet20 W2: std 0.5-0.8 of FP), and restoring only the mean then moves every ReLU's cut
+(bench/PTQ.md).
 """
 from functools import partial
 

@@ -6,8 +6,7 @@ AdaRound / BRECQ, QDrop, NWQ, Case 2.2, AdaQTransform and LSQ-style corners are 
 (conf/ptq/*.yaml). Unit inputs come from the quantized model with the earlier units already reconstructed;
 targets are the FP model's unit outputs (or the labels, objective ce), from a copy taken before the first unit is
 fitted (or before bias correction, by ptq.py): a fitted unit's folded weights are fitted to quantized inputs and
-would move every later target. Both are
-cached on CPU in float16.
+would move every later target. Both are cached on CPU in float16.
 """
 import copy
 import logging
