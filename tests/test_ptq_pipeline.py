@@ -153,7 +153,7 @@ def test_reconstruction_after_bias_correction_fits_to_the_fp_model(fp_run, tmp_p
         target_source = model if reference is None else reference  # reconstruct_ copies model without one
         seen["reference"] = {k: v.clone() for k, v in target_source.state_dict().items()}
         seen["corrected"] = {k: v.clone() for k, v in model.state_dict().items()}
-        return real(model, batches, cfg, reference) if reference is not None else real(model, batches, cfg)
+        return real(model, batches, cfg, reference)
     monkeypatch.setattr(pipeline, "reconstruct_", spy)
     ptq(tmp_path, f"ckpt={fp_run}", "quant=w2a32", "ptq=adaround", "ptq.granularity=channel",
         f"ptq.bias_correct={correction}")

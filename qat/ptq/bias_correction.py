@@ -17,6 +17,7 @@ from torch import nn
 
 from qat.ptq.calibrate import inputs_of
 from qat.quant import LSQQuantizer, QuantConv2d, QuantLayerMixin, quantizers_off
+from qat.quant.integer import live
 
 
 def channel_moments(y: torch.Tensor, layer: nn.Module) -> torch.Tensor:
@@ -72,16 +73,16 @@ def std(moments: torch.Tensor) -> torch.Tensor:
 
 def per_channel_steps(layer: nn.Module) -> bool:
     """Whether an output-channel scale folds into the layer exactly: a float weight or per-channel steps."""
-    q = layer.weight_quantizer
-    return not (isinstance(q, LSQQuantizer) and q.enabled) or (type(q) is LSQQuantizer and q.per_channel)
+    q = live(layer.weight_quantizer)
+    return q is None or (type(q) is LSQQuantizer and q.per_channel)
 
 
 def scale_channels_(layer: nn.Module, r: torch.Tensor) -> None:
     """Multiply the layer's output channels by r: the weight and its per-channel step (and offset) by r, so
     W / step and the integer levels stay. The bias is the caller's."""
     layer.weight.mul_(r.view(-1, *[1] * (layer.weight.ndim - 1)).to(layer.weight.dtype))
-    q = layer.weight_quantizer
-    if isinstance(q, LSQQuantizer) and q.enabled:
+    q = live(layer.weight_quantizer)
+    if q is not None:
         for t in (q.step, q.offset):
             if t is not None:
                 t.mul_(r.view(t.shape).to(t.dtype))
