@@ -322,3 +322,24 @@ def test_ptq_attention_without_groups_and_bad_attention_bits(fp_run, tmp_path):
     assert sum(type(q) is LSQQuantizer and q.name.endswith("attn_quant") for _, q in quantizers(model)) == 2
     with pytest.raises(ValueError, match=r"quant.attn.bits=1: PTQ supports 2..8 bits"):
         ptq(tmp_path / "b", f"ckpt={fp_run}", "quant=act4b_attn", "quant.attn.bits=1")
+
+
+@pytest.mark.parametrize("method", ["awq", "mse_channel ptq.bias_correct=true", "mse_channel ptq.bias_correct=variance",
+                                    "adaround", "brecq", "qdrop", "adaqtransform"])
+def test_weight_methods_and_reconstruction_with_attention_and_groups(fp_run, tmp_path, monkeypatch, method):
+    saved = {}
+    save_run = pipeline.save_run
+    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+    ptq_name, *extra = method.split()
+    ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", f"ptq={ptq_name}", "+quant.attn={bits:4,symmetric:true}",
+        "ptq.n_groups=2", *extra)
+    model = qat.load_model(tmp_path)
+    attn = [q for n, q in quantizers(model) if n.endswith(("q_quant", "k_quant", "v_quant", "attn_quant"))]
+    assert len(attn) == 8 and all(bool(q.initialized) for q in attn)
+    assert sum(isinstance(q, GroupQuantizer) for _, q in quantizers(model)) >= 4
+    fp = qat.load_model(fp_run).eval()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(y, saved["model"].eval()(x))
+        assert float((y - fp(x)).norm() / fp(x).norm()) < 0.1  # W4A4 + 4-bit attention: about 0.03 on this model
