@@ -15,6 +15,7 @@ from qat.callbacks import AtomicCheckpointIO, write_json_atomic
 from qat.runs import ZOO, checkpoint_file, load_checkpoint, sha256_file, summaries, zoo_names
 
 KEEP = ("state_dict", "qat", "epoch", "global_step")  # what a zoo checkpoint needs (no optimizer, no callbacks)
+HOW_IT_RAN = ("resume=", "ckpt_path=")  # overrides of how a process continued, not of what it trained
 
 
 def publish(run_dir: str | Path, name: str, zoo: Path = ZOO) -> Path:
@@ -30,7 +31,8 @@ def publish(run_dir: str | Path, name: str, zoo: Path = ZOO) -> Path:
     target = zoo / name / "checkpoints" / "best.ckpt"
     AtomicCheckpointIO().save_checkpoint({k: checkpoint[k] for k in KEEP if k in checkpoint}, target)
     summary = {k: v for k, v in found[0].items() if not k.startswith("_")}
-    command = "python train.py " + shlex.join(summary.get("overrides") or [])
+    overrides = [o for o in summary.get("overrides") or [] if not o.startswith(HOW_IT_RAN)]
+    command = "python train.py " + shlex.join(overrides)
     write_json_atomic(zoo / name / "summary.json", {**summary, "name": f"zoo/{name}", "output_dir": str(zoo / name),
                                                     "best_ckpt": str(target), "sha256": sha256_file(target),
                                                     "command": command, "trained_in": str(run_dir)})

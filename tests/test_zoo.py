@@ -11,11 +11,13 @@ from qat.run import train
 def test_publish_a_finished_run_and_resolve_it(make_cfg, tmp_path, monkeypatch):
     cfg = make_cfg(run_name="fp")
     train(cfg)
+    path = tmp_path / "fp" / "summary.json"  # as if continued with resume=auto: not part of the recipe
+    path.write_text(json.dumps({**json.loads(path.read_text()), "overrides": ["model=vit_2_4_32", "resume=auto"]}))
     monkeypatch.setattr(runs, "ZOO", tmp_path / "zoo")
     target = zoo.publish(tmp_path / "fp", "tiny", zoo=tmp_path / "zoo")
     assert runs.resolve("zoo:tiny", tmp_path / "nowhere") == target and runs.zoo_names() == ["tiny"]
     summary = json.loads((tmp_path / "zoo" / "tiny" / "summary.json").read_text())
-    assert summary["sha256"] == runs.sha256_file(target) and summary["command"].startswith("python train.py")
+    assert summary["sha256"] == runs.sha256_file(target) and summary["command"] == "python train.py model=vit_2_4_32"
     assert "optimizer_states" not in torch.load(target, weights_only=False)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
