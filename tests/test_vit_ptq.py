@@ -25,6 +25,15 @@ TIMM_TINY = {"vit_tiny_patch16_224": {"img_size": 32, "depth": 2},
                                               "embed_dim": 24}}
 
 
+@pytest.fixture
+def saved(monkeypatch) -> dict:
+    """{"model": the quantized model ptq.py saved}, filled by a spy on pipeline.save_run."""
+    found = {}
+    save_run = pipeline.save_run
+    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: found.update(model=model) or save_run(d, model, *a))
+    return found
+
+
 def levels(model) -> dict[str, tuple]:
     """{layer: ((weight qmin, qmax), (act qmin, qmax))} of every quantized layer."""
     return {n: ((m.weight_quantizer.qmin, m.weight_quantizer.qmax), (m.act_quantizer.qmin, m.act_quantizer.qmax))
@@ -222,11 +231,7 @@ def test_group_config_errors(kwargs, match):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_ptq_run_with_groups_saves_a_checkpoint_that_loads_with_the_same_logits(fp_run, tmp_path, monkeypatch,
-                                                                               dynamic):
-    saved = {}
-    save_run = pipeline.save_run
-    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+def test_ptq_run_with_groups_saves_a_checkpoint_that_loads_with_the_same_logits(fp_run, tmp_path, saved, dynamic):
     summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", "ptq=mse_layer", "ptq.n_groups=2",
                   f"ptq.dynamic_groups={str(dynamic).lower()}")
     assert summary["quant"]["n_groups"] == 2 and summary["quant"]["dynamic_groups"] is dynamic
@@ -299,10 +304,7 @@ def test_head_groups_equal_to_heads_are_per_head_fake_quant():
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_ptq_run_with_attention_and_head_groups_loads_with_the_same_logits(fp_run, tmp_path, monkeypatch, dynamic):
-    saved = {}
-    save_run = pipeline.save_run
-    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+def test_ptq_run_with_attention_and_head_groups_loads_with_the_same_logits(fp_run, tmp_path, saved, dynamic):
     summary = ptq(tmp_path, f"ckpt={fp_run}", "quant=act4b_attn", "ptq=vit_ptq", "ptq.n_groups=4",
                   f"ptq.dynamic_groups={str(dynamic).lower()}")
     assert summary["quant"]["attn"]["eps"] == 1e-4 and summary["quant_mse"]
@@ -326,10 +328,7 @@ def test_ptq_attention_without_groups_and_bad_attention_bits(fp_run, tmp_path):
 
 @pytest.mark.parametrize("method", ["awq", "mse_channel ptq.bias_correct=true", "mse_channel ptq.bias_correct=variance",
                                     "adaround", "brecq", "qdrop", "adaqtransform"])
-def test_weight_methods_and_reconstruction_with_attention_and_groups(fp_run, tmp_path, monkeypatch, method):
-    saved = {}
-    save_run = pipeline.save_run
-    monkeypatch.setattr(pipeline, "save_run", lambda d, model, *a: saved.update(model=model) or save_run(d, model, *a))
+def test_weight_methods_and_reconstruction_with_attention_and_groups(fp_run, tmp_path, saved, method):
     ptq_name, *extra = method.split()
     ptq(tmp_path, f"ckpt={fp_run}", "quant=w4a4", f"ptq={ptq_name}", "+quant.attn={bits:4,symmetric:true}",
         "ptq.n_groups=2", *extra)
@@ -340,6 +339,6 @@ def test_weight_methods_and_reconstruction_with_attention_and_groups(fp_run, tmp
     fp = qat.load_model(fp_run).eval()
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        y = model(x)
+        y, y_fp = model(x), fp(x)
         assert torch.equal(y, saved["model"].eval()(x))
-        assert float((y - fp(x)).norm() / fp(x).norm()) < 0.1  # W4A4 + 4-bit attention: about 0.03 on this model
+        assert float((y - y_fp).norm() / y_fp.norm()) < 0.1  # W4A4 + 4-bit attention: about 0.03 on this model
