@@ -62,8 +62,10 @@ def checkpoint_file(path: str | Path, prefer: str = "best") -> Path:
 
 
 def run_checkpoint(summary: dict, prefer: str = "best") -> Path:
-    run_dir = Path(summary.get("output_dir") or summary["_path"].parent)
-    return checkpoint_file(summary.get(f"{prefer}_ckpt") or run_dir, prefer)
+    """The checkpoint a summary names; relative paths (zoo entries) are relative to the summary's dir."""
+    here = summary["_path"].parent
+    run_dir = here / (summary.get("output_dir") or ".")
+    return checkpoint_file(here / summary[f"{prefer}_ckpt"] if summary.get(f"{prefer}_ckpt") else run_dir, prefer)
 
 
 def resolve(ref: str | Path, output_root: str | Path, prefer: str = "best", model: str | None = None,

@@ -4,7 +4,8 @@
     python -m qat.zoo publish outputs/train/<run dir> resnet20
 
 A zoo entry is a run dir of its own: checkpoints/best.ckpt (the run's best weights, optimizer state
-dropped), summary.json (the run's summary plus `sha256` of that file and the `command` that trained it).
+dropped), summary.json (the run's summary plus `sha256` of that file and the `command` that trained it; its paths
+are relative to the entry).
 """
 import argparse
 import shlex
@@ -33,9 +34,11 @@ def publish(run_dir: str | Path, name: str, zoo: Path = ZOO) -> Path:
     summary = {k: v for k, v in found[0].items() if not k.startswith("_")}
     overrides = [o for o in summary.get("overrides") or [] if not o.startswith(HOW_IT_RAN)]
     command = "python train.py " + shlex.join(overrides)
-    write_json_atomic(zoo / name / "summary.json", {**summary, "name": f"zoo/{name}", "output_dir": str(zoo / name),
-                                                    "best_ckpt": str(target), "sha256": sha256_file(target),
-                                                    "command": command, "trained_in": str(run_dir)})
+    # paths relative to the entry (a clone anywhere reads the same file); last.ckpt stays in the training run
+    write_json_atomic(zoo / name / "summary.json", {**summary, "name": f"zoo/{name}", "output_dir": ".",
+                                                    "best_ckpt": "checkpoints/best.ckpt", "last_ckpt": None,
+                                                    "sha256": sha256_file(target), "command": command,
+                                                    "trained_in": str(run_dir)})
     return target
 
 

@@ -1,5 +1,6 @@
 """qat.zoo: a finished run published into the zoo loads as `zoo:<name>` with the same weights; unfinished runs refused."""
 import json
+import shutil
 
 import pytest
 import torch
@@ -19,6 +20,9 @@ def test_publish_a_finished_run_and_resolve_it(make_cfg, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "zoo" / "tiny" / "summary.json").read_text())
     assert summary["sha256"] == runs.sha256_file(target) and summary["command"] == "python train.py model=vit_2_4_32"
     assert "optimizer_states" not in torch.load(target, weights_only=False)
+    assert (summary["output_dir"], summary["best_ckpt"], summary["last_ckpt"]) == (".", "checkpoints/best.ckpt", None)
+    moved = shutil.copytree(tmp_path / "zoo" / "tiny", tmp_path / "elsewhere" / "tiny")  # as in a clone elsewhere
+    assert runs.run_checkpoint(runs.summaries(moved)[0]) == moved / "checkpoints" / "best.ckpt"
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(load_model(target)(x), load_model(tmp_path / "fp")(x))
