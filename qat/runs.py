@@ -63,9 +63,8 @@ def checkpoint_file(path: str | Path, prefer: str = "best") -> Path:
 
 def run_checkpoint(summary: dict, prefer: str = "best") -> Path:
     """The checkpoint a summary names; relative paths (zoo entries) are relative to the summary's dir."""
-    here = summary["_path"].parent
-    run_dir = here / (summary.get("output_dir") or ".")
-    return checkpoint_file(here / summary[f"{prefer}_ckpt"] if summary.get(f"{prefer}_ckpt") else run_dir, prefer)
+    named = summary.get(f"{prefer}_ckpt") or summary.get("output_dir") or "."
+    return checkpoint_file(summary["_path"].parent / named, prefer)
 
 
 def resolve(ref: str | Path, output_root: str | Path, prefer: str = "best", model: str | None = None,
